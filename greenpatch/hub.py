@@ -1,0 +1,302 @@
+"""The bridge between greenlets and Tornado's IOLoop.
+
+Each thread that runs an IOLoop has one *hub*: the greenlet that runs the
+loop (normally the thread's main greenlet). Code that should run "blocking
+style" runs in a `Worker` greenlet whose parent is the hub. When a worker
+has to wait for I/O it parks itself with `wait`, which switches to the hub;
+the loop then goes on serving other work until a loop callback resumes the
+worker.
+
+Rules that keep this correct:
+
+* a worker always suspends to its hub, never to whoever started it, so
+  nested spawns cannot resume the wrong greenlet;
+* a worker is only ever resumed from a loop callback running in the hub;
+* each `wait` has exactly one resume path: the first of {result, timeout,
+  kill} wins and later events are ignored; timers are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import greenlet
+from tornado.gen import convert_yielded
+from tornado.ioloop import IOLoop
+
+__all__ = [
+    "NotInWorkerError",
+    "Worker",
+    "add_exit_hook",
+    "current_worker",
+    "green",
+    "is_worker",
+    "remove_exit_hook",
+    "sleep",
+    "spawn",
+    "wait",
+]
+
+log = logging.getLogger("greenpatch.hub")
+
+T = TypeVar("T")
+
+getcurrent = greenlet.getcurrent
+GreenletExit = greenlet.GreenletExit
+
+# Sentinels passed to Worker.switch() by the resume paths of a wait.
+_RESUMED = object()
+_TIMED_OUT = object()
+
+# Callables run inside every worker as it ends (normally, by exception or
+# killed), newest last. Used to release what the worker holds, e.g. the
+# Django connections of a request.
+_exit_hooks: list[Callable[[Worker], None]] = []
+
+
+class NotInWorkerError(RuntimeError):
+    """Raised when a cooperative call is made outside a greenpatch worker."""
+
+
+def add_exit_hook(hook: Callable[[Worker], None]) -> None:
+    """Run ``hook(worker)`` inside every worker greenlet when it ends."""
+    if hook not in _exit_hooks:
+        _exit_hooks.append(hook)
+
+
+def remove_exit_hook(hook: Callable[[Worker], None]) -> None:
+    """Undo `add_exit_hook`; unknown hooks are ignored."""
+    try:
+        _exit_hooks.remove(hook)
+    except ValueError:
+        pass
+
+
+def _silence(future: asyncio.Future) -> None:
+    # Retrieve the outcome of a future nobody waits for any more, so asyncio
+    # does not log "exception was never retrieved" when it fails late.
+    if not future.cancelled():
+        future.exception()
+
+
+class Worker(greenlet.greenlet):
+    """A greenlet that runs one function cooperatively on an IOLoop.
+
+    Create workers with `spawn`; the worker's `future` carries the
+    function's result, or its exception with the traceback.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict[str, Any],
+        loop: IOLoop,
+    ) -> None:
+        super().__init__()
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.loop = loop
+        self.future: asyncio.Future = asyncio.Future(loop=loop.asyncio_loop)  # type: ignore[attr-defined]
+        self.future.add_done_callback(self._on_future_done)
+        self._wait_token: object | None = None
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        state = "dead" if self.dead else ("running" if self else "pending")
+        return f"<greenpatch.Worker {name} {state}>"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def run(self) -> None:  # type: ignore[override]
+        future = self.future
+        try:
+            try:
+                result = self.fn(*self.args, **self.kwargs)
+            finally:
+                self._run_exit_hooks()
+        except GreenletExit:
+            if not future.done():
+                future.cancel()
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+            elif not isinstance(exc, Exception):
+                raise
+            else:
+                log.debug("%r failed after its future was cancelled", self, exc_info=True)
+        else:
+            if not future.done():
+                future.set_result(result)
+        finally:
+            # Drop references early: the future may outlive the greenlet.
+            self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
+
+    def _run_exit_hooks(self) -> None:
+        for hook in list(_exit_hooks):
+            try:
+                hook(self)
+            except GreenletExit:
+                raise
+            except Exception:
+                log.exception("greenpatch exit hook %r failed in %r", hook, self)
+
+    def _start(self) -> None:
+        # Always called in the greenlet that runs the loop: that greenlet
+        # becomes the hub the worker suspends to.
+        if self.dead or self.future.done():
+            return
+        self.parent = getcurrent()
+        self.switch()
+
+    def _on_future_done(self, future: asyncio.Future) -> None:
+        # Cancelling the future (e.g. asyncio.wait_for timing out on it)
+        # kills the worker, so a cancelled request stops its query.
+        if future.cancelled() and not self.dead:
+            self.kill()
+
+    def kill(self) -> None:
+        """Raise GreenletExit in the worker at its current wait point.
+
+        From the hub the worker is killed at once; from anywhere else the
+        kill is scheduled on the worker's loop. A worker that never started
+        is simply cancelled.
+        """
+        if self.dead:
+            return
+        if not self:  # never started
+            if not self.future.done():
+                self.future.cancel()
+            self.throw(GreenletExit)  # marks it dead without running it
+            return
+        if getcurrent() is self.parent:
+            self.throw(GreenletExit)
+        else:
+            self.loop.add_callback(self._kill_from_hub)
+
+    def _kill_from_hub(self) -> None:
+        if not self.dead:
+            self.throw(GreenletExit)
+
+    # -- waiting -----------------------------------------------------------
+
+    def _park(self, future: asyncio.Future, timeout: float | None) -> Any:
+        token = object()
+        self._wait_token = token
+
+        def resume(_: Any = None) -> None:
+            if self._wait_token is token:
+                self._wait_token = None
+                self.switch(_RESUMED)
+
+        def expire() -> None:
+            if self._wait_token is token:
+                self._wait_token = None
+                self.switch(_TIMED_OUT)
+
+        future.add_done_callback(resume)
+        timer = None
+        if timeout is not None:
+            timer = self.loop.asyncio_loop.call_later(max(timeout, 0.0), expire)  # type: ignore[attr-defined]
+        try:
+            how = self.parent.switch()
+        finally:
+            self._wait_token = None
+            if timer is not None:
+                timer.cancel()
+            if not future.done():
+                future.remove_done_callback(resume)
+        if how is _RESUMED:
+            return future.result()
+        if how is _TIMED_OUT:
+            future.add_done_callback(_silence)
+            raise TimeoutError(f"timed out after {timeout:g} s")
+        # Someone switched into a parked worker by hand: a bug in the caller.
+        raise RuntimeError(f"{self!r} was resumed by an unexpected switch ({how!r})")
+
+
+def current_worker() -> Worker | None:
+    """The worker greenlet running now, or None outside workers."""
+    cur = getcurrent()
+    return cur if isinstance(cur, Worker) else None
+
+
+def is_worker() -> bool:
+    """True when called inside a greenpatch worker greenlet."""
+    return isinstance(getcurrent(), Worker)
+
+
+def spawn(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future:
+    """Run ``fn(*args, **kwargs)`` in a new worker on the current IOLoop.
+
+    Returns an awaitable future with the result, or the exception and its
+    traceback. Called from loop code (a coroutine or callback) the worker
+    starts at once and runs until its first wait; called from inside a
+    worker, it starts on the next loop iteration. Cancelling the future
+    kills the worker.
+    """
+    cur = getcurrent()
+    if isinstance(cur, Worker):
+        worker = Worker(fn, args, kwargs, cur.loop)
+        worker.loop.add_callback(worker._start)
+    else:
+        worker = Worker(fn, args, kwargs, IOLoop.current())
+        worker._start()
+    return worker.future
+
+
+def green(fn: Callable[..., T]) -> Callable[..., asyncio.Future]:
+    """Decorate ``fn`` so that each call runs it in a new worker.
+
+    The decorated function returns the worker's future; await it from a
+    coroutine. Tornado ``RequestHandler`` methods may be decorated too.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> asyncio.Future:
+        return spawn(fn, *args, **kwargs)
+
+    wrapper.__greenpatch_green__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def wait(future: Awaitable[T] | asyncio.Future, timeout: float | None = None) -> T:
+    """Block the current worker until ``future`` is done; return its result.
+
+    ``future`` may be any awaitable that Tornado accepts (asyncio futures,
+    coroutines, ``concurrent.futures.Future``). The IOLoop keeps running
+    while the worker waits. Raises `TimeoutError` after ``timeout`` seconds
+    (the future itself is left alone) and `NotInWorkerError` outside a
+    worker, where waiting would block the loop forever.
+    """
+    worker = getcurrent()
+    if not isinstance(worker, Worker):
+        raise NotInWorkerError(
+            "greenpatch.wait() can only be called inside a greenpatch worker "
+            "(started by greenpatch.spawn() or a @greenpatch.green function)"
+        )
+    if not isinstance(future, asyncio.Future):
+        future = convert_yielded(future)
+    if future.done():
+        return future.result()
+    return worker._park(future, timeout)
+
+
+def sleep(seconds: float) -> None:
+    """Pause the current worker for ``seconds`` while the loop runs on."""
+    worker = getcurrent()
+    if not isinstance(worker, Worker):
+        raise NotInWorkerError(
+            "greenpatch.sleep() can only be called inside a greenpatch worker; "
+            "use time.sleep() or asyncio.sleep() elsewhere"
+        )
+    future: asyncio.Future = worker.loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
+    try:
+        worker._park(future, seconds)
+    except TimeoutError:
+        return
