@@ -38,6 +38,7 @@ __all__ = [
     "remove_exit_hook",
     "sleep",
     "spawn",
+    "start_worker",
     "wait",
 ]
 
@@ -231,6 +232,18 @@ def is_worker() -> bool:
     return isinstance(getcurrent(), Worker)
 
 
+def start_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Worker:
+    """Like `spawn`, but return the `Worker` (its ``future`` is what spawn returns)."""
+    cur = getcurrent()
+    if isinstance(cur, Worker):
+        worker = Worker(fn, args, kwargs, cur.loop)
+        worker.loop.add_callback(worker._start)
+    else:
+        worker = Worker(fn, args, kwargs, IOLoop.current())
+        worker._start()
+    return worker
+
+
 def spawn(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future:
     """Run ``fn(*args, **kwargs)`` in a new worker on the current IOLoop.
 
@@ -240,14 +253,7 @@ def spawn(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future:
     worker, it starts on the next loop iteration. Cancelling the future
     kills the worker.
     """
-    cur = getcurrent()
-    if isinstance(cur, Worker):
-        worker = Worker(fn, args, kwargs, cur.loop)
-        worker.loop.add_callback(worker._start)
-    else:
-        worker = Worker(fn, args, kwargs, IOLoop.current())
-        worker._start()
-    return worker.future
+    return start_worker(fn, *args, **kwargs).future
 
 
 def green(fn: Callable[..., T]) -> Callable[..., asyncio.Future]:

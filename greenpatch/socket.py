@@ -174,7 +174,7 @@ class GreenSocket:
             self._stream = hub.wait(future, self._timeout)
         except TimeoutError:
             future.cancel()
-            raise _socket.timeout("TLS handshake timed out") from None
+            raise TimeoutError("TLS handshake timed out") from None
         except StreamClosedError as exc:
             raise _closed_error(exc) from None
         return self
@@ -203,7 +203,7 @@ class GreenSocket:
             return hub.wait(future, self._timeout)
         except TimeoutError:
             self._abort()
-            raise _socket.timeout("timed out") from None
+            raise TimeoutError("timed out") from None
         except StreamClosedError as exc:
             self._abort()
             raise _closed_error(exc) from None
@@ -259,7 +259,7 @@ class GreenSocket:
         r, w, _ = select.select([] if want_write else [fd], [fd] if want_write else [], [], self._timeout)
         if not r and not w:
             self._abort()
-            raise _socket.timeout("timed out")
+            raise TimeoutError("timed out")
 
     def _blocking_recv(self, stream: IOStream, limit: int) -> bytes:
         buffered = stream._read_buffer_size  # left by an earlier cooperative read
@@ -320,7 +320,7 @@ def _connect_wait(future: Any, timeout: float | None, what: str) -> IOStream:
         return hub.wait(future, timeout)
     except TimeoutError:
         future.cancel()
-        raise _socket.timeout(f"timed out connecting to {what}") from None
+        raise TimeoutError(f"timed out connecting to {what}") from None
     except StreamClosedError as exc:
         raise _closed_error(exc) from None
     except BaseException:

@@ -48,7 +48,7 @@ def _green_socket(conn: Any) -> GreenSocket:
         return sock
     source = (conn.bind_address, 0) if conn.bind_address is not None else None
     sock = connect_tcp(conn.host, conn.port, conn.connect_timeout, source)
-    conn.host_info = "socket %s:%d" % (conn.host, conn.port)
+    conn.host_info = f"socket {conn.host}:{conn.port:d}"
     return sock
 
 

@@ -1,0 +1,247 @@
+"""The greenlet <-> IOLoop bridge, without a database."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import traceback
+
+import greenlet
+import pytest
+from conftest import run_green, run_loop
+from tornado.ioloop import IOLoop
+
+import greenpatch
+from greenpatch import hub
+
+
+def test_spawn_returns_result_and_runs_in_worker():
+    def fn(a, b=0):
+        assert greenpatch.is_worker()
+        assert isinstance(greenpatch.current_worker(), greenpatch.Worker)
+        return a + b
+
+    async def main():
+        return await greenpatch.spawn(fn, 1, b=2)
+
+    assert run_loop(main) == 3
+    assert not greenpatch.is_worker()
+    assert greenpatch.current_worker() is None
+
+
+def test_exception_lands_in_future_with_traceback():
+    def fails():
+        raise KeyError("boom")
+
+    async def main():
+        with pytest.raises(KeyError) as info:
+            await greenpatch.spawn(fails)
+        return info.value
+
+    exc = run_loop(main)
+    frames = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+    assert "fails" in frames
+
+
+def test_green_decorator_returns_future():
+    @greenpatch.green
+    def double(x):
+        greenpatch.sleep(0.01)
+        return 2 * x
+
+    async def main():
+        fut = double(21)
+        assert isinstance(fut, asyncio.Future)
+        return await fut
+
+    assert run_loop(main) == 42
+    assert double.__name__ == "double"
+
+
+def test_workers_run_concurrently_and_loop_keeps_ticking():
+    ticks = []
+
+    async def main():
+        from tornado.ioloop import PeriodicCallback
+
+        pc = PeriodicCallback(lambda: ticks.append(time.monotonic()), 10)
+        pc.start()
+        t0 = time.monotonic()
+        await asyncio.gather(*(greenpatch.spawn(greenpatch.sleep, 0.3) for _ in range(20)))
+        pc.stop()
+        return time.monotonic() - t0
+
+    elapsed = run_loop(main)
+    assert elapsed < 0.6, elapsed
+    assert len(ticks) >= 10
+
+
+def test_wait_returns_future_result_and_times_out():
+    def fn():
+        loop = IOLoop.current()
+        fut = loop.asyncio_loop.create_future()
+        loop.call_later(0.05, fut.set_result, "done")
+        assert greenpatch.wait(fut) == "done"
+        never = loop.asyncio_loop.create_future()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            greenpatch.wait(never, timeout=0.1)
+        took = time.monotonic() - t0
+        # A late result after the timeout is ignored: the worker is not resumed.
+        never.set_result("late")
+        greenpatch.sleep(0.05)
+        return took
+
+    took = run_green(fn)
+    assert 0.09 <= took < 0.5
+
+
+def test_wait_accepts_coroutines():
+    async def coro():
+        await asyncio.sleep(0.01)
+        return "coro"
+
+    assert run_green(lambda: greenpatch.wait(coro())) == "coro"
+
+
+def test_wait_outside_worker_is_a_clear_error():
+    fut = asyncio.Future(loop=asyncio.new_event_loop())
+    with pytest.raises(greenpatch.NotInWorkerError, match="inside a greenpatch worker"):
+        greenpatch.wait(fut)
+    with pytest.raises(greenpatch.NotInWorkerError):
+        greenpatch.sleep(0.01)
+
+
+def test_nested_spawn_resumes_the_right_greenlets():
+    order = []
+
+    def inner(n):
+        greenpatch.sleep(0.02)
+        order.append(f"inner{n}")
+        return n
+
+    def outer():
+        futs = [greenpatch.spawn(inner, n) for n in range(3)]
+        results = [greenpatch.wait(f) for f in futs]
+        order.append("outer")
+        return results
+
+    async def main():
+        return await greenpatch.spawn(outer)
+
+    assert run_loop(main) == [0, 1, 2]
+    assert order[-1] == "outer"
+    assert sorted(order[:3]) == ["inner0", "inner1", "inner2"]
+
+
+def test_worker_parent_is_the_hub():
+    def child():
+        return greenlet.getcurrent().parent
+
+    def parent():
+        return greenpatch.wait(greenpatch.spawn(child)), greenlet.getcurrent().parent
+
+    async def main():
+        return (await greenpatch.spawn(parent)), greenlet.getcurrent()
+
+    (child_parent, parent_parent), hub_greenlet = run_loop(main)
+    assert child_parent is hub_greenlet
+    assert parent_parent is hub_greenlet
+
+
+def test_cancel_kills_worker_and_runs_exit_hooks():
+    released = []
+    reached_end = []
+
+    def hook(worker):
+        released.append(worker)
+
+    def slow():
+        greenpatch.sleep(5)
+        reached_end.append(True)
+
+    hub.add_exit_hook(hook)
+    try:
+
+        async def main():
+            fut = greenpatch.spawn(slow)
+            worker_count = len(released)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(fut, 0.05)
+            await asyncio.sleep(0.01)
+            return fut, worker_count
+
+        fut, before = run_loop(main)
+    finally:
+        hub.remove_exit_hook(hook)
+    assert fut.cancelled()
+    assert before == 0 and len(released) == 1
+    assert released[0].dead
+    assert not reached_end
+
+
+def test_kill_from_another_worker_and_unstarted():
+    log = []
+
+    def victim():
+        try:
+            greenpatch.sleep(5)
+        except greenlet.GreenletExit:
+            log.append("killed")
+            raise
+
+    def killer(w):
+        w.kill()  # scheduled: a worker cannot throw into another directly
+        greenpatch.sleep(0.01)
+        log.append("killer done")
+
+    async def main():
+        worker = hub.start_worker(victim)
+        await greenpatch.spawn(killer, worker)
+        return worker
+
+    worker = run_loop(main)
+    assert log == ["killed", "killer done"]
+    assert worker.dead and worker.future.cancelled()
+
+    # A worker spawned from a worker but killed before it started never runs.
+    ran = []
+
+    def outer():
+        w = hub.start_worker(ran.append, 1)
+        w.kill()
+        greenpatch.sleep(0.02)
+        return w.future.cancelled()
+
+    assert run_green(outer) is True
+    assert ran == []
+
+
+def test_exit_hook_errors_are_logged_not_raised(caplog):
+    def bad(worker):
+        raise RuntimeError("hook broke")
+
+    hub.add_exit_hook(bad)
+    try:
+        assert run_green(lambda: 7) == 7
+    finally:
+        hub.remove_exit_hook(bad)
+    assert "hook broke" in caplog.text
+
+
+def test_one_hub_per_thread():
+    results = {}
+
+    def in_thread(n):
+        async def main():
+            return await greenpatch.spawn(lambda: (greenpatch.sleep(0.05), threading.get_ident())[1])
+
+        results[n] = run_loop(main)
+
+    threads = [threading.Thread(target=in_thread, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results.values())) == 3
