@@ -40,6 +40,7 @@ __all__ = [
     "spawn",
     "start_worker",
     "wait",
+    "wait_fd",
 ]
 
 log = logging.getLogger("greenpatch.hub")
@@ -219,6 +220,51 @@ class Worker(greenlet.greenlet):
             raise TimeoutError(f"timed out after {timeout:g} s")
         # Someone switched into a parked worker by hand: a bug in the caller.
         raise RuntimeError(f"{self!r} was resumed by an unexpected switch ({how!r})")
+
+
+def wait_fd(fd: int, write: bool = False, timeout: float | None = None) -> None:
+    """Park the current worker until ``fd`` is readable (or writable).
+
+    The descriptor is watched only for the duration of the call, so it is
+    never left registered with a loop: a socket may move between loops,
+    threads and blocking use. Raises `TimeoutError` after ``timeout``.
+    """
+    worker = getcurrent()
+    if not isinstance(worker, Worker):
+        raise NotInWorkerError("greenpatch.wait_fd() can only be called inside a greenpatch worker")
+    aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
+    token = object()
+    worker._wait_token = token
+
+    def resume() -> None:
+        if worker._wait_token is token:
+            worker._wait_token = None
+            worker.switch(_RESUMED)
+
+    def expire() -> None:
+        if worker._wait_token is token:
+            worker._wait_token = None
+            worker.switch(_TIMED_OUT)
+
+    if write:
+        aloop.add_writer(fd, resume)
+    else:
+        aloop.add_reader(fd, resume)
+    timer = aloop.call_later(max(timeout, 0.0), expire) if timeout is not None else None
+    try:
+        how = worker.parent.switch()
+    finally:
+        worker._wait_token = None
+        if write:
+            aloop.remove_writer(fd)
+        else:
+            aloop.remove_reader(fd)
+        if timer is not None:
+            timer.cancel()
+    if how is _TIMED_OUT:
+        raise TimeoutError(f"timed out after {timeout:g} s")
+    if how is not _RESUMED:
+        raise RuntimeError(f"{worker!r} was resumed by an unexpected switch ({how!r})")
 
 
 def current_worker() -> Worker | None:

@@ -47,9 +47,77 @@ def test_unpatched_is_stock(db):
     assert socket_type_in_worker(db) is not GreenSocket
 
 
+ALL = ["pymysql", "mysqldb", "django_db", "django_mysql"]
+
+
+def _snapshot(name):
+    """Everything a patch may change, by identity (wrappers compare equal to what they wrap)."""
+    return {k: tuple(map(id, v)) if isinstance(v, tuple) else id(v) for k, v in _objects(name).items()}
+
+
+def _objects(name):
+    import django.utils.asyncio
+    from django.db import connections
+
+    from greenpatch import hub
+
+    if name == "pymysql":
+        return {k: Connection.__dict__.get(k) for k in ORIGINAL}
+    if name == "mysqldb":
+        return {"MySQLdb": sys.modules.get("MySQLdb")}
+    if name == "django_db":
+        return {
+            "storage": connections._connections,
+            "get_running_loop": django.utils.asyncio.get_running_loop,
+            "hooks": tuple(hub._exit_hooks),
+        }
+    from django.db.backends.mysql.base import DatabaseWrapper
+
+    return {
+        k: DatabaseWrapper.__dict__.get(k)
+        for k in (
+            "get_connection_params",
+            "get_new_connection",
+            "init_connection_state",
+            "_close",
+            "close_if_health_check_failed",
+            "mysql_server_data",
+        )
+    }
+
+
+@pytest.fixture
+def django_backend_importable():
+    # Django's MySQL backend imports MySQLdb: import it once under the alias.
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure()
+    patches.patch("mysqldb")
+    import django.db.backends.mysql.base  # noqa: F401
+
+    patches.unpatch("mysqldb")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_patch_patched_unpatched_double_patched(name, django_backend_importable):
+    before = _snapshot(name)
+    patches.patch(name)
+    assert name in greenpatch.patched()
+    after = _snapshot(name)
+    assert after != before
+    patches.patch(name)  # idempotent: nothing wrapped twice
+    assert _snapshot(name) == after
+    patches.unpatch(name)
+    assert name not in greenpatch.patched()
+    assert _snapshot(name) == before  # originals restored exactly
+    patches.unpatch(name)
+    assert _snapshot(name) == before
+
+
 def test_patched(db):
-    assert greenpatch.patch_all() == ["pymysql"]
-    assert greenpatch.patched() == ["pymysql"]
+    assert greenpatch.patch_all() == ALL
+    assert "pymysql" in greenpatch.patched()
     assert Connection.__dict__["connect"] is not ORIGINAL["connect"]
     assert Connection.__dict__["connect"].__wrapped__ is ORIGINAL["connect"]
     assert socket_type_in_worker(db) is GreenSocket
@@ -79,10 +147,10 @@ def test_patch_unpatch_cycles(db):
 
 
 def test_patch_all_flags():
-    assert greenpatch.patch_all(pymysql=False) == []
-    assert greenpatch.patched() == []
-    with pytest.raises(config.ConfigError, match="unknown patch 'mysqldb'.*accepted names: pymysql"):
-        greenpatch.patch_all(mysqldb=True)
+    assert greenpatch.patch_all(pymysql=False, django_db=False) == ["mysqldb", "django_mysql"]
+    assert "pymysql" not in greenpatch.patched() and "django_db" not in greenpatch.patched()
+    with pytest.raises(config.ConfigError, match="unknown patch 'gevent'.*accepted names: pymysql, mysqldb"):
+        greenpatch.patch_all(gevent=True)
     with pytest.raises(config.ConfigError, match="expected True or False"):
         greenpatch.patch_all(pymysql="yes")
 
@@ -92,6 +160,8 @@ def test_env_greenpatch_0_is_a_logged_noop(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="greenpatch"):
         assert greenpatch.patch_all() == []
     assert greenpatch.patched() == []
+    monkeypatch.setenv("GREENPATCH", "1")
+    assert greenpatch.patch_all() == ALL
     assert "GREENPATCH=0" in caplog.text
 
 
@@ -103,14 +173,14 @@ def test_env_greenpatch_bad_value(monkeypatch, value):
 
 
 def test_env_disable_skips_named_patch(monkeypatch):
-    monkeypatch.setenv("GREENPATCH_DISABLE", " pymysql ")
-    assert greenpatch.patch_all() == []
-    assert greenpatch.patched() == []
+    monkeypatch.setenv("GREENPATCH_DISABLE", " pymysql ,django_mysql")
+    assert greenpatch.patch_all() == ["mysqldb", "django_db"]
+    assert "pymysql" not in greenpatch.patched()
 
 
 def test_env_disable_unknown_name(monkeypatch):
     monkeypatch.setenv("GREENPATCH_DISABLE", "pymysql,sockets")
-    with pytest.raises(config.ConfigError, match="GREENPATCH_DISABLE.*sockets.*accepted names: pymysql"):
+    with pytest.raises(config.ConfigError, match="GREENPATCH_DISABLE.*sockets.*accepted names: django_db, django_mysql, mysqldb, pymysql"):
         greenpatch.patch_all()
 
 
@@ -162,6 +232,23 @@ def test_patch_before_import_applies_on_import():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['pymysql']"
+
+
+def test_django_patches_apply_on_django_import():
+    proc = run_python(
+        """
+        import sys, greenpatch
+        greenpatch.patch_all()
+        assert "django" not in sys.modules
+        from django.conf import settings
+        settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "test"}})
+        from django.db import connections
+        connections["default"]  # imports the MySQL backend: needs MySQLdb
+        print(greenpatch.patched())
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(ALL)
 
 
 def test_unpatch_before_import_cancels_pending_patch():

@@ -25,7 +25,10 @@ log = logging.getLogger("greenpatch.patches")
 
 #: Patch name -> module under greenpatch.patches, in the order they apply.
 PATCHES: dict[str, str] = {
-    "pymysql": "greenpatch.patches.pymysql",
+    "pymysql": "greenpatch.patches.pymysql",  # cooperative socket
+    "mysqldb": "greenpatch.patches.mysqldb",  # PyMySQL answers `import MySQLdb`
+    "django_db": "greenpatch.patches.django_db",  # greenlet-local connections
+    "django_mysql": "greenpatch.patches.django_mysql",  # pool behind the MySQL backend
 }
 
 _lock = threading.RLock()

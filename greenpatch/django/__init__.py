@@ -1,0 +1,1 @@
+"""Django integration: the pooled MySQL backend and its helpers."""

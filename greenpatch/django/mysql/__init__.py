@@ -1,0 +1,1 @@
+"""``ENGINE: "greenpatch.django.mysql"``: Django's MySQL backend with greenpatch's pool."""

@@ -1,0 +1,1 @@
+"""A tiny Django app for greenpatch's tests."""
