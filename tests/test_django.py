@@ -116,7 +116,6 @@ def test_connection_returned_when_worker_fails():
 def test_transactions_never_mix_under_concurrency():
     """200 workers, pool max 5: exact totals, no dirty reads, cap respected."""
     from django.db import transaction
-
     from djangoapp.models import Counter
 
     Counter.objects.update_or_create(name="shared", defaults={"value": 0})
@@ -180,7 +179,6 @@ def test_transactions_never_mix_under_concurrency():
 
 def test_orm_in_worker_but_not_in_a_coroutine():
     from django.core.exceptions import SynchronousOnlyOperation
-
     from djangoapp.models import Counter
 
     async def main():
@@ -276,7 +274,6 @@ def test_killed_while_idle_is_caught_by_the_idle_check(pool_options):
 
 def test_open_transaction_is_rolled_back_before_reuse(pool_options):
     from django.db import connection, transaction
-
     from djangoapp.models import Counter
 
     pool_options(max_size=1)
@@ -393,7 +390,6 @@ def test_pool_timeout_is_a_django_operational_error(pool_options):
 
 def test_bad_pool_options_are_clear_errors(pool_options):
     from django.core.exceptions import ImproperlyConfigured
-
     from djangoapp.models import Counter
 
     for bad, match in (

@@ -180,7 +180,8 @@ def test_env_disable_skips_named_patch(monkeypatch):
 
 def test_env_disable_unknown_name(monkeypatch):
     monkeypatch.setenv("GREENPATCH_DISABLE", "pymysql,sockets")
-    with pytest.raises(config.ConfigError, match="GREENPATCH_DISABLE.*sockets.*accepted names: django_db, django_mysql, mysqldb, pymysql"):
+    expected = "GREENPATCH_DISABLE.*sockets.*accepted names: django_db, django_mysql, mysqldb, pymysql"
+    with pytest.raises(config.ConfigError, match=expected):
         greenpatch.patch_all()
 
 

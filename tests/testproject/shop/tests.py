@@ -1,8 +1,7 @@
 import asyncio
-
-from django.db import connection
 from unittest import skipUnless
 
+from django.db import connection
 from django.test import TestCase, TransactionTestCase
 from tornado.ioloop import IOLoop
 
