@@ -89,14 +89,11 @@ def _objects(name):
 @pytest.fixture
 def django_backend_importable():
     # Django's MySQL backend imports MySQLdb: import it once under the alias.
-    from django.conf import settings
+    from django_support import setup_django
 
-    if not settings.configured:
-        settings.configure()
-    patches.patch("mysqldb")
-    import django.db.backends.mysql.base  # noqa: F401
-
-    patches.unpatch("mysqldb")
+    greenpatch.patch_all()
+    setup_django()
+    greenpatch.unpatch_all()
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -191,18 +188,22 @@ def test_unknown_single_patch_name():
 
 
 def test_warns_about_connections_opened_before_patching(db, caplog):
+    from greenpatch.patches import pymysql as pymysql_patch
+
+    already = pymysql_patch._open_connections()  # e.g. Django's, from other tests
     early = pymysql.connect(**db)
     try:
         with caplog.at_level(logging.WARNING, logger="greenpatch"):
             greenpatch.patch_all()
-        assert "opened before greenpatch patched PyMySQL" in caplog.text
+        assert f"{already + 1} PyMySQL connection(s) were opened before greenpatch" in caplog.text
     finally:
         early.close()
     greenpatch.unpatch_all()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="greenpatch"):
         greenpatch.patch_all()
-    assert "opened before" not in caplog.text
+    expected = f"{already} PyMySQL connection(s)" if already else "opened before"
+    assert (expected in caplog.text) == bool(already)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:

@@ -12,16 +12,15 @@ from typing import Any
 
 import wrapt
 
-from greenpatch.django import pooling
-
 TARGET = "django.db.backends.mysql.base"
 
+#: DatabaseWrapper method -> name of its replacement in greenpatch.django.pooling
 _METHODS = {
-    "get_connection_params": pooling.get_connection_params,
-    "get_new_connection": pooling.get_new_connection,
-    "init_connection_state": pooling.init_connection_state,
-    "_close": pooling.close,
-    "close_if_health_check_failed": pooling.close_if_health_check_failed,
+    "get_connection_params": "get_connection_params",
+    "get_new_connection": "get_new_connection",
+    "init_connection_state": "init_connection_state",
+    "_close": "close",
+    "close_if_health_check_failed": "close_if_health_check_failed",
 }
 _originals: dict[str, Any] = {}
 _INHERITED = object()  # the stock class had no own attribute: delete on unpatch
@@ -41,9 +40,11 @@ def patch() -> None:
         return
     from django.db.backends.mysql.base import DatabaseWrapper
 
+    from greenpatch.django import pooling
+
     for name, impl in _METHODS.items():
         _originals[name] = DatabaseWrapper.__dict__.get(name, _INHERITED)
-        wrapt.wrap_function_wrapper(DatabaseWrapper, name, _wrapper_for(impl))
+        wrapt.wrap_function_wrapper(DatabaseWrapper, name, _wrapper_for(getattr(pooling, impl)))
     _originals["mysql_server_data"] = DatabaseWrapper.__dict__["mysql_server_data"]
     cached = pooling.CachedServerData(_originals["mysql_server_data"])
     DatabaseWrapper.mysql_server_data = cached
@@ -53,6 +54,8 @@ def unpatch() -> None:
     if not is_patched():
         return
     from django.db.backends.mysql.base import DatabaseWrapper
+
+    from greenpatch.django import pooling
 
     for name, original in _originals.items():
         if original is _INHERITED:

@@ -34,10 +34,27 @@ def patch() -> None:
             "before anything imports MySQLdb, or uninstall mysqlclient."
         )
         return
-    import pymysql
-
-    pymysql.install_as_MySQLdb()
+    _alias_modules()
     _installed = True
+
+
+def _alias_modules() -> None:
+    # pymysql.install_as_MySQLdb() aliases the package only: `import
+    # MySQLdb.converters` (as Django does) then loads a second copy of
+    # pymysql's modules, whose exception classes differ from pymysql's and
+    # which rebinds attributes such as `pymysql.err`. Alias every submodule
+    # Django imports to the one already loaded.
+    import pymysql
+    import pymysql.connections
+    import pymysql.constants.CLIENT
+    import pymysql.constants.FIELD_TYPE
+    import pymysql.converters
+    import pymysql.cursors
+    import pymysql.err  # noqa: F401
+
+    for name, module in list(sys.modules.items()):
+        if name == "pymysql" or name.startswith("pymysql."):
+            sys.modules.setdefault("MySQLdb" + name[len("pymysql") :], module)
 
 
 def unpatch() -> None:
@@ -45,9 +62,8 @@ def unpatch() -> None:
     if not _installed:
         return
     for name in [n for n in sys.modules if n == "MySQLdb" or n.startswith("MySQLdb.")]:
-        if name == "MySQLdb" and not _is_pymysql(sys.modules[name]):
-            continue
-        del sys.modules[name]
+        if getattr(sys.modules[name], "__name__", "").startswith("pymysql"):
+            del sys.modules[name]
     _installed = False
 
 
