@@ -30,6 +30,13 @@ from greenpatch.patches import patch_all, patched, unpatch_all
 
 __version__ = "0.1.0"
 
+
+def stats() -> list[dict]:
+    """Statistics of every live connection pool in this process (see `Pool.stats`)."""
+    from greenpatch.pool import all_pools
+
+    return sorted((pool.stats() for pool in all_pools()), key=lambda s: s["name"])
+
 __all__ = [
     "ConfigError",
     "NotInWorkerError",
@@ -42,6 +49,7 @@ __all__ = [
     "patched",
     "sleep",
     "spawn",
+    "stats",
     "unpatch_all",
     "wait",
 ]

@@ -99,6 +99,7 @@ def test_each_worker_has_its_own_connection_and_returns_it():
     pool = green_pool()
     stats = pool.stats()
     assert stats["in_use"] == 0 and stats["idle"] == 4
+    assert [s for s in greenpatch.stats() if s["name"] == "default/green"] == [stats]
 
 
 def test_connection_returned_when_worker_fails():

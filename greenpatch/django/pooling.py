@@ -45,7 +45,7 @@ _INITIALIZED = "_greenpatch_initialized"
 _POOL = "_greenpatch_pool"
 
 _lock = threading.Lock()
-_pools: dict[tuple, Pool] = {}
+_pools: dict[tuple, Pool | None] = {}  # None: pooling off for that alias
 _server_data: dict[tuple, dict] = {}
 
 
@@ -95,36 +95,43 @@ def _params_key(conn_params: dict) -> tuple:
 
 
 def pool_for(wrapper: Any, conn_params: dict) -> Pool | None:
-    """The pool for this alias, settings and kind of caller (worker or not)."""
-    from django.db.backends.base.base import NO_DB_ALIAS
+    """The pool for this alias, settings and kind of caller (worker or not).
 
-    if wrapper.alias == NO_DB_ALIAS:
-        return None  # short-lived server-level connections (test DB setup)
-    options = pool_options(wrapper.alias, wrapper.settings_dict)
-    if options is None:
-        return None
+    None when pooling is off for the alias. Looked up on every checkout:
+    options are parsed and validated only when a pool is first built.
+    """
     kind = "green" if hub.is_worker() else "blocking"
     key = (wrapper.alias, kind, _params_key(conn_params))
-    pool = _pools.get(key)
-    if pool is not None:
-        return pool
+    try:
+        return _pools[key]
+    except KeyError:
+        pass
+    from django.db.backends.base.base import NO_DB_ALIAS
+
     database = wrapper.Database
     with _lock:
-        pool = _pools.get(key)
-        if pool is None:
-            # Settings changed (e.g. the test runner switched NAME to the
-            # test database): retire the pools built for the old ones.
-            for old_key in [k for k in _pools if k[:2] == key[:2]]:
-                _pools.pop(old_key).close()
+        if key in _pools:
+            return _pools[key]
+        # Settings changed (e.g. the test runner switched NAME to the test
+        # database): retire the pools built for the old ones.
+        for old_key in [k for k in _pools if k[:2] == key[:2]]:
+            old = _pools.pop(old_key)
+            if old is not None:
+                old.close()
+        options = None
+        if wrapper.alias != NO_DB_ALIAS:  # server-level connections (test DB setup): not pooled
+            options = pool_options(wrapper.alias, wrapper.settings_dict)
+        if options is None:
+            _pools[key] = None
+            return None
 
-            def connect() -> Any:
-                conn = database.connect(**conn_params)
-                if conn.encoders.get(bytes) is bytes:
-                    conn.encoders.pop(bytes)
-                return conn
+        def connect() -> Any:
+            conn = database.connect(**conn_params)
+            if conn.encoders.get(bytes) is bytes:
+                conn.encoders.pop(bytes)
+            return conn
 
-            pool = Pool(connect, name=f"{wrapper.alias}/{kind}", ops=DjangoOps(), **options)
-            _pools[key] = pool
+        pool = _pools[key] = Pool(connect, name=f"{wrapper.alias}/{kind}", ops=DjangoOps(), **options)
     return pool
 
 
@@ -132,7 +139,9 @@ def close_pools(alias: str | None = None) -> None:
     """Close the pools of ``alias`` (default: all); in-use connections close at checkin."""
     with _lock:
         for key in [k for k in _pools if alias is None or k[0] == alias]:
-            _pools.pop(key).close()
+            pool = _pools.pop(key)
+            if pool is not None:
+                pool.close()
 
 
 # -- DatabaseWrapper methods ------------------------------------------------

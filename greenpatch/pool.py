@@ -1,0 +1,958 @@
+"""A generic, thread-safe connection pool that lets greenpatch workers wait.
+
+`Pool` hands out connections made by a ``connect`` callable and takes them
+back. It is modelled on SQLAlchemy's ``QueuePool`` and uses the option names
+of Django 5.1's PostgreSQL pool (``min_size``, ``max_size``, ``timeout``,
+``max_waiting``, ``max_lifetime``, ``max_idle``, ``check``)::
+
+    pool = Pool(lambda: pymysql.connect(**params), name="default", max_size=5)
+    with pool.connection() as conn:
+        ...
+
+What a pool guarantees:
+
+* ``max_size`` is a hard cap on open connections *including those being
+  opened*: a slot is reserved before ``connect`` runs (which may yield to the
+  IOLoop) and freed again if it fails;
+* callers that find no connection wait in one first-come first-served queue,
+  whether they are greenpatch workers (parked with `greenpatch.hub.wait`, so
+  the IOLoop keeps running) or plain threads (blocked on an event). Each
+  waiter has its own timer; one that gives up - timeout, worker killed - is
+  removed from the queue and never receives a connection later;
+* a returned connection goes straight to the first waiter, otherwise onto a
+  LIFO idle stack (newest first, so surplus connections age out);
+* a connection is never held by two callers: checking one in twice, or one
+  the pool does not know, raises `PoolError`;
+* after ``os.fork()`` the child forgets the parent's connections without
+  touching their sockets and starts with an empty pool.
+
+The pool knows nothing about Django; how to ping, reset and close a
+connection is the job of a `ConnectionOps` (by default `PyMySQLOps`).
+One lock protects the pool's state; it is never held while connecting,
+pinging, resetting, closing or waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pymysql.err
+from tornado.ioloop import IOLoop
+
+from greenpatch import hub
+
+__all__ = [
+    "ConnectionOps",
+    "Pool",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "PoolTooManyWaiting",
+    "PyMySQLOps",
+    "all_pools",
+]
+
+log = logging.getLogger("greenpatch.pool")
+
+CHECK_MODES = ("auto", "always", "never")
+RESET_MODES = ("rollback", "full", "none")
+
+# pymysql.constants.SERVER_STATUS.SERVER_STATUS_IN_TRANS
+_SERVER_STATUS_IN_TRANS = 1
+# pymysql.constants.COMMAND.COM_RESET_CONNECTION (MySQL 5.7.3+, MariaDB 10.2.4+)
+_COM_RESET_CONNECTION = 0x1F
+
+# Connections of a parent process seen by a forked child. They stay
+# referenced here for the life of the child so that no finalizer (PyMySQL's
+# ``__del__`` closes its socket) ever touches the descriptors it shares with
+# the parent.
+_forked_connections: list[Any] = []
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def all_pools() -> list[Pool]:
+    """Every `Pool` that is still referenced, in no particular order."""
+    return list(_pools)
+
+
+class PoolError(pymysql.err.OperationalError):
+    """Base class of the errors raised by `Pool`.
+
+    A PyMySQL ``OperationalError``, so code that handles a lost or refused
+    connection handles these too, and Django raises them as
+    ``django.db.OperationalError``.
+    """
+
+
+class PoolTimeout(PoolError):
+    """`Pool.checkout` waited longer than its timeout for a connection."""
+
+
+class PoolTooManyWaiting(PoolTimeout):
+    """`Pool.checkout` failed at once: ``max_waiting`` callers already wait."""
+
+
+class PoolClosed(PoolError):
+    """The pool was closed; it gives out no more connections."""
+
+
+class ConnectionOps:
+    """How a `Pool` checks, resets and closes its connections.
+
+    Subclass it and override what your driver needs. The defaults only
+    assume a DB-API connection: ``ping()`` if the connection has one,
+    ``rollback()`` for every reset mode, ``close()``.
+    """
+
+    def ping(self, conn: Any) -> bool:
+        """Return True if ``conn`` answers; never raises."""
+        ping = getattr(conn, "ping", None)
+        if ping is None:
+            return True
+        try:
+            ping()
+        except Exception:
+            return False
+        return True
+
+    def reset(self, conn: Any, mode: str) -> bool:
+        """Make ``conn`` fit for its next holder.
+
+        ``mode`` is one of ``"rollback"``, ``"full"`` or ``"none"``. Returns
+        False when the connection must be discarded instead; never raises
+        `Exception`.
+        """
+        if mode == "none":
+            return True
+        try:
+            conn.rollback()
+        except Exception:
+            return False
+        return True
+
+    def is_usable(self, conn: Any) -> bool:
+        """Return False when ``conn`` is known to be closed or broken."""
+        return True
+
+    def close(self, conn: Any) -> None:
+        """Close ``conn``; never raises `Exception`."""
+        try:
+            conn.close()
+        except Exception:
+            log.debug("closing %r failed", conn, exc_info=True)
+
+    def is_fatal_error(self, exc: BaseException) -> bool:
+        """True if ``exc``, raised in a `Pool.connection` block, ruins the connection.
+
+        Used by `Pool.connection`. The default recognises DB-API
+        ``OperationalError`` and ``InterfaceError`` (of any driver, and
+        Django's wrappers of them) by class name.
+        """
+        if isinstance(exc, PoolError):
+            return False  # about another checkout, not this connection
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        return bool(names & {"OperationalError", "InterfaceError"})
+
+
+class PyMySQLOps(ConnectionOps):
+    """`ConnectionOps` for ``pymysql.connections.Connection``.
+
+    Reset modes: ``"rollback"`` rolls back when a transaction is open or
+    autocommit is off; ``"full"`` sends ``COM_RESET_CONNECTION`` (clears
+    user variables, session variables such as ``foreign_key_checks``,
+    temporary tables, locks, prepared statements) and then restores what
+    PyMySQL set up when it connected: character set and collation,
+    ``sql_mode``, ``init_command`` and autocommit mode.
+    """
+
+    def ping(self, conn: Any) -> bool:
+        try:
+            conn.ping(reconnect=False)
+        except Exception:
+            return False
+        return True
+
+    def reset(self, conn: Any, mode: str) -> bool:
+        try:
+            if mode == "rollback":
+                if conn.server_status & _SERVER_STATUS_IN_TRANS or not conn.get_autocommit():
+                    conn.rollback()
+            elif mode == "full":
+                conn._execute_command(_COM_RESET_CONNECTION, b"")
+                conn._read_ok_packet()
+                self._resync(conn)
+        except Exception:
+            log.debug("resetting %r (%s) failed", conn, mode, exc_info=True)
+            return False
+        return True
+
+    def _resync(self, conn: Any) -> None:
+        # The server has just reset the session to its defaults: redo, in the
+        # same order, what pymysql.connections.Connection.connect() does after
+        # authenticating.
+        conn.set_character_set(conn.charset, conn.collation)
+        if conn.sql_mode is not None:
+            with conn.cursor() as cur:
+                cur.execute("SET sql_mode=%s", (conn.sql_mode,))
+        if conn.init_command is not None:
+            with conn.cursor() as cur:
+                cur.execute(conn.init_command)
+        if conn.autocommit_mode is not None:
+            conn.autocommit(conn.autocommit_mode)
+
+    def is_usable(self, conn: Any) -> bool:
+        sock = getattr(conn, "_sock", None)
+        if sock is None:  # conn.open is False
+            return False
+        try:
+            return sock.fileno() != -1
+        except Exception:
+            return False
+
+    def close(self, conn: Any) -> None:
+        try:
+            if getattr(conn, "_closed", False):
+                conn._force_close()
+            else:
+                conn.close()
+        except Exception:
+            try:
+                conn._force_close()
+            except Exception:
+                log.debug("closing %r failed", conn, exc_info=True)
+
+
+# -- internal state -------------------------------------------------------------
+
+# What a waiter can be granted besides a connection record.
+_CONNECT = object()  # a reserved slot: the waiter opens the connection itself
+_CLOSED = object()  # the pool was closed while it waited
+
+_IDLE = "idle"
+_IN_USE = "in_use"  # held by a caller, or granted to a waiter not yet running
+_RETURNING = "returning"  # being reset by checkin
+
+
+class _Record:
+    __slots__ = ("conn", "created", "deadline", "last_used", "state", "checked_out", "stack", "leak_logged")
+
+    def __init__(self, conn: Any, created: float, deadline: float | None) -> None:
+        self.conn = conn
+        self.created = created
+        self.deadline = deadline
+        self.last_used = created
+        self.state = _IN_USE
+        self.checked_out = created
+        self.stack: str | None = None
+        self.leak_logged = False
+
+
+class _Waiter:
+    """One caller in the queue: a worker (``future``) or a thread (``event``)."""
+
+    __slots__ = ("event", "future", "grant", "loop", "since")
+
+    def __init__(self, since: float) -> None:
+        self.grant: Any = None  # set under the lock, once: a record, _CONNECT or _CLOSED
+        self.since = since
+        self.loop: IOLoop | None = None
+        self.future: asyncio.Future | None = None
+        self.event: threading.Event | None = None
+
+    def notify(self) -> None:
+        """Wake the waiter; safe from any thread. Raises if its loop is closed."""
+        if self.event is not None:
+            self.event.set()
+        else:
+            self.loop.add_callback(_resolve, self.future)  # type: ignore[union-attr]
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float = 0,
+    strict: bool = False,
+    optional: bool = False,
+) -> None:
+    if value is None and optional:
+        return
+    types: tuple[type, ...] = (int,) if integer else (int, float)
+    ok = isinstance(value, types) and not isinstance(value, bool)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        kind = "an integer" if integer else "a number of seconds"
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        extra = " or None" if optional else ""
+        raise ValueError(f"{name}={value!r} is not accepted; use {kind} {bound}{extra}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        quoted = [repr(c) for c in choices]
+        raise ValueError(f"{name}={value!r} is not accepted; use {', '.join(quoted[:-1])} or {quoted[-1]}")
+
+
+class Pool:
+    """A pool of at most ``max_size`` connections made by ``connect()``.
+
+    :arg connect: called with no argument to open a connection; it runs
+        outside the pool's lock and may block or, inside a greenpatch
+        worker, yield to the IOLoop. Its exceptions reach the caller of
+        `checkout`.
+    :arg name: shown in errors, logs and `stats`.
+    :arg min_size: connections kept open by `prefill` and spared by the
+        ``max_idle`` sweep. The pool does not reopen them by itself.
+    :arg max_size: hard cap on open connections, counting those being
+        opened.
+    :arg timeout: default seconds `checkout` waits before `PoolTimeout`.
+    :arg max_waiting: with this many callers already waiting, `checkout`
+        raises `PoolTooManyWaiting` at once; 0 means no limit.
+    :arg max_lifetime: seconds after which a connection is closed instead
+        of reused (each one gets a deadline between 90 % and 100 % of it,
+        so connections opened together do not expire together); None
+        keeps connections forever.
+    :arg max_idle: idle connections unused for longer are closed, keeping
+        ``min_size`` open; checked whenever a connection is checked out
+        or in. None never closes idle connections.
+    :arg check: ``"auto"`` pings a connection on checkout when it was idle
+        for ``check_idle`` seconds or more, ``"always"`` pings every time,
+        ``"never"`` does not. A connection that fails its ping is
+        discarded and another one is used or opened.
+    :arg check_idle: idle seconds that trigger a ping in ``"auto"`` mode.
+    :arg reset: what `checkin` does before reuse, passed to
+        `ConnectionOps.reset`: ``"rollback"``, ``"full"`` or ``"none"``.
+    :arg leak_threshold: when set, the stack of each checkout is recorded
+        and a warning with it is logged for a connection held longer than
+        this many seconds.
+    :arg ops: the `ConnectionOps`; defaults to `PyMySQLOps`.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        name: str = "pool",
+        min_size: int = 0,
+        max_size: int = 10,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float | None = 3600.0,
+        max_idle: float | None = 600.0,
+        check: str = "auto",
+        check_idle: float = 1.0,
+        reset: str = "rollback",
+        leak_threshold: float | None = None,
+        ops: ConnectionOps | None = None,
+    ) -> None:
+        if not callable(connect):
+            raise ValueError(f"connect={connect!r} is not accepted; use a callable returning a connection")
+        if not isinstance(name, str):
+            raise ValueError(f"name={name!r} is not accepted; use a string")
+        _check_number("min_size", min_size, integer=True)
+        _check_number("max_size", max_size, integer=True, minimum=1)
+        if min_size > max_size:
+            raise ValueError(
+                f"min_size={min_size!r} is not accepted; use an integer <= max_size ({max_size!r})"
+            )
+        _check_number("timeout", timeout, strict=True)
+        _check_number("max_waiting", max_waiting, integer=True)
+        _check_number("max_lifetime", max_lifetime, strict=True, optional=True)
+        _check_number("max_idle", max_idle, strict=True, optional=True)
+        _check_choice("check", check, CHECK_MODES)
+        _check_number("check_idle", check_idle)
+        _check_choice("reset", reset, RESET_MODES)
+        _check_number("leak_threshold", leak_threshold, strict=True, optional=True)
+        if ops is None:
+            ops = PyMySQLOps()
+        else:
+            missing = [
+                m for m in ("ping", "reset", "is_usable", "close") if not callable(getattr(ops, m, None))
+            ]
+            if missing:
+                raise ValueError(
+                    f"ops={ops!r} is not accepted; use a ConnectionOps (missing {', '.join(missing)})"
+                )
+        self._connect = connect
+        self.name = name
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout = float(timeout)
+        self.max_waiting = max_waiting
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        self.check = check
+        self.check_idle = check_idle
+        self.reset = reset
+        self.leak_threshold = leak_threshold
+        self.ops = ops
+        self._pid = os.getpid()
+        self._init_state()
+        _pools.add(self)
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        self._records: dict[int, _Record] = {}  # id(conn) -> record, every open connection
+        self._idle: list[_Record] = []  # LIFO: newest at the end
+        self._waiters: deque[_Waiter] = deque()
+        self._connecting = 0  # reserved slots: connects in progress or granted to a waiter
+        self._orphans: set[int] = set()  # id() of a parent process's connections
+        self._connects = 0
+        self._connect_errors = 0
+        self._checkouts = 0
+        self._checkins = 0
+        self._timeouts = 0
+        self._discards: dict[str, int] = {}
+        self._wait_count = 0
+        self._wait_total = 0.0
+        self._wait_max = 0.0
+
+    def __repr__(self) -> str:
+        return f"<greenpatch.pool.Pool {self.name!r} {len(self._records)}/{self.max_size}>"
+
+    # -- public API -------------------------------------------------------------
+
+    def checkout(self, timeout: float | None = None) -> Any:
+        """Return a connection for the caller's exclusive use.
+
+        Takes the most recently used idle connection (pinged first as the
+        ``check`` mode says), opens a new one while under ``max_size``, or
+        waits in line. A worker waits cooperatively; any other caller
+        blocks its thread. ``timeout`` (default: the pool's) bounds the
+        wait for a connection, not the time ``connect`` takes.
+
+        Raises `PoolTimeout`, `PoolTooManyWaiting`, `PoolClosed`, or what
+        ``connect`` raised.
+        """
+        self._check_fork()
+        if timeout is None:
+            timeout = self.timeout
+        else:
+            _check_number("timeout", timeout)
+        start = time.monotonic()
+        to_close: list[_Record] = []
+        waiter: _Waiter | None = None
+        leaks: list[str] = []
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            self._sweep_locked(start, to_close)
+            self._scan_leaks_locked(start, leaks)
+            if not self._waiters and self._idle:
+                grant: Any = self._idle.pop()
+                grant.state = _IN_USE
+            elif not self._waiters and len(self._records) + self._connecting < self.max_size:
+                self._connecting += 1
+                grant = _CONNECT
+            else:
+                if self.max_waiting and len(self._waiters) >= self.max_waiting:
+                    self._timeouts += 1
+                    raise PoolTooManyWaiting(
+                        f"pool {self.name!r} has too many waiting: {self._occupancy_locked()} "
+                        f"(max_waiting={self.max_waiting})"
+                    )
+                waiter = self._enqueue_locked(start)
+                self._dispatch_locked()  # in case a slot is free but was not passed on
+        self._log_leaks(leaks)
+        self._close_all(to_close)
+        if waiter is not None:
+            grant = self._wait_for(waiter, timeout)
+        return self._claim(grant)
+
+    def checkin(self, conn: Any) -> None:
+        """Give back a connection obtained from `checkout`.
+
+        The connection is reset (see ``reset``) and handed to the first
+        waiter or kept idle. One that is closed, past its lifetime, fails
+        its reset, or belongs to a closed pool is closed instead. Raises
+        `PoolError` for a connection already checked in or not from this
+        pool.
+        """
+        self._check_fork()
+        if self._orphans and id(conn) in self._orphans:
+            log.debug("pool %r: ignoring checkin of %r, opened before fork", self.name, conn)
+            return
+        now = time.monotonic()
+        leaks: list[str] = []
+        with self._lock:
+            rec = self._held_record_locked(conn, "check in")
+            rec.state = _RETURNING
+            self._checkins += 1
+            self._scan_leaks_locked(now, leaks, also=rec)
+        self._log_leaks(leaks)
+        reason = None
+        try:
+            if not self.ops.is_usable(conn):
+                reason = "closed"
+            elif rec.deadline is not None and now >= rec.deadline:
+                reason = "lifetime"
+            elif self._closed:
+                reason = ""
+            elif not self.ops.reset(conn, self.reset):
+                reason = "reset_failed"
+        except BaseException:
+            # E.g. the worker was killed during the reset: the connection
+            # may have half a reply unread.
+            self._remove(rec, "reset_failed")
+            raise
+        if reason is not None:
+            self._remove(rec, reason)
+            return
+        to_close: list[_Record] = []
+        with self._lock:
+            if self._closed:
+                self._forget_locked(rec, None)
+                to_close.append(rec)
+            else:
+                rec.state = _IDLE
+                rec.last_used = time.monotonic()
+                self._idle.append(rec)
+                self._sweep_locked(rec.last_used, to_close)
+            self._dispatch_locked()
+        self._close_all(to_close)
+
+    def discard(self, conn: Any, reason: str = "discarded") -> None:
+        """Close a checked-out connection its holder found unusable.
+
+        Its slot is freed for a new connection. ``reason`` is counted in
+        `stats` under ``discards``. Raises `PoolError` like `checkin`.
+        """
+        self._check_fork()
+        if self._orphans and id(conn) in self._orphans:
+            log.debug("pool %r: ignoring discard of %r, opened before fork", self.name, conn)
+            return
+        with self._lock:
+            rec = self._held_record_locked(conn, "discard")
+            rec.state = _RETURNING
+        self._remove(rec, reason)
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        """Check a connection out for the ``with`` block, then back in.
+
+        The connection is discarded rather than reused when the block
+        raised an error that `ConnectionOps.is_fatal_error` calls fatal
+        (``OperationalError``, ``InterfaceError``), or was interrupted
+        (e.g. the worker killed), since the connection may then be half
+        way through a reply.
+        """
+        conn = self.checkout(timeout)
+        try:
+            yield conn
+        except Exception as exc:
+            if self.ops.is_fatal_error(exc):
+                self.discard(conn, "error")
+            else:
+                self.checkin(conn)
+            raise
+        except BaseException:
+            self.discard(conn, "interrupted")
+            raise
+        else:
+            self.checkin(conn)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the pool's state and counters.
+
+        ``size`` (open connections), ``idle``, ``in_use``, ``connecting``
+        (slots reserved for connects), ``waiting``; totals since creation
+        (or fork): ``connects``, ``connect_errors``, ``checkouts``,
+        ``checkins``, ``discards`` (by reason), ``timeouts`` (including
+        `PoolTooManyWaiting`), and ``wait`` - ``count``, ``mean`` and
+        ``max`` seconds spent queued by checkouts that had to wait and
+        were served.
+        """
+        self._check_fork()
+        leaks: list[str] = []
+        with self._lock:
+            self._scan_leaks_locked(time.monotonic(), leaks)
+            size = len(self._records)
+            idle = len(self._idle)
+            stats = {
+                "name": self.name,
+                "max_size": self.max_size,
+                "size": size,
+                "idle": idle,
+                "in_use": size - idle,
+                "connecting": self._connecting,
+                "waiting": len(self._waiters),
+                "connects": self._connects,
+                "connect_errors": self._connect_errors,
+                "checkouts": self._checkouts,
+                "checkins": self._checkins,
+                "discards": dict(self._discards),
+                "timeouts": self._timeouts,
+                "wait": {
+                    "count": self._wait_count,
+                    "mean": self._wait_total / self._wait_count if self._wait_count else 0.0,
+                    "max": self._wait_max,
+                },
+            }
+        self._log_leaks(leaks)
+        return stats
+
+    def close(self) -> None:
+        """Close the pool: idle connections now, checked-out ones at checkin.
+
+        Waiting callers get `PoolClosed`, and so does every later
+        `checkout`. Closing twice is harmless.
+        """
+        self._check_fork()
+        with self._lock:
+            self._closed = True
+            to_close = self._idle
+            self._idle = []
+            for rec in to_close:
+                self._forget_locked(rec, None)
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.grant = _CLOSED
+                self._notify_locked(waiter)
+        self._close_all(to_close)
+        log.debug("pool %r closed", self.name)
+
+    def prefill(self) -> None:
+        """Open connections until ``min_size`` are open (or being opened).
+
+        Connects one at a time; the first error propagates.
+        """
+        self._check_fork()
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed")
+                if len(self._records) + self._connecting >= self.min_size:
+                    return
+                self._connecting += 1
+            conn = self._open_reserved()
+            with self._lock:
+                rec = self._records[id(conn)]
+                rec.state = _IDLE
+                self._idle.append(rec)
+                self._dispatch_locked()
+
+    # -- checkout internals ------------------------------------------------------
+
+    def _enqueue_locked(self, start: float) -> _Waiter:
+        waiter = _Waiter(start)
+        worker = hub.current_worker()
+        if worker is not None:
+            waiter.loop = worker.loop
+            waiter.future = worker.loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
+        else:
+            waiter.event = threading.Event()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _wait_for(self, waiter: _Waiter, timeout: float) -> Any:
+        remaining = max(0.0, waiter.since + timeout - time.monotonic())
+        try:
+            if waiter.event is not None:
+                self._warn_if_blocking_loop()
+                waiter.event.wait(remaining)
+            else:
+                try:
+                    hub.wait(waiter.future, remaining)  # type: ignore[arg-type]
+                except TimeoutError:
+                    pass
+        except BaseException:
+            # Killed (GreenletExit), KeyboardInterrupt...: leave the queue,
+            # and pass on whatever was granted meanwhile.
+            self._abandon(waiter)
+            raise
+        now = time.monotonic()
+        with self._lock:
+            grant = waiter.grant
+            if grant is None:
+                occupancy = self._occupancy_locked()
+                self._waiters.remove(waiter)
+                self._timeouts += 1
+                raise PoolTimeout(f"pool {self.name!r} timed out after {float(timeout)!r} s: {occupancy}")
+            if grant is not _CLOSED:
+                waited = now - waiter.since
+                self._wait_count += 1
+                self._wait_total += waited
+                self._wait_max = max(self._wait_max, waited)
+        if grant is _CLOSED:
+            raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+        return grant
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        with self._lock:
+            grant = waiter.grant
+            if grant is None:
+                self._waiters.remove(waiter)
+            elif grant is _CONNECT:
+                self._connecting -= 1
+                self._dispatch_locked()
+            elif grant is not _CLOSED:
+                self._return_idle_locked(grant)
+                self._dispatch_locked()
+
+    def _return_idle_locked(self, rec: _Record) -> None:
+        # Put back a connection nobody used (its grantee gave up).
+        rec.state = _IDLE
+        self._idle.append(rec)
+
+    def _claim(self, grant: Any) -> Any:
+        # Turn a grant (an idle record or a reserved slot) into a checked-out
+        # connection, replacing records that are expired or fail their check.
+        while True:
+            if grant is _CONNECT:
+                conn = self._open_reserved()
+                rec = self._records[id(conn)]
+            else:
+                rec = grant
+                try:
+                    reason = self._unfit(rec)
+                except BaseException:
+                    self._remove(rec, "check_failed")
+                    raise
+                if reason is not None:
+                    to_close = [rec]
+                    with self._lock:
+                        self._forget_locked(rec, reason)
+                        if self._closed:
+                            self._dispatch_locked()
+                            grant = _CLOSED
+                        elif self._idle:
+                            grant = self._idle.pop()
+                            grant.state = _IN_USE
+                        else:  # the slot just freed is ours
+                            self._connecting += 1
+                            grant = _CONNECT
+                    self._close_all(to_close)
+                    if grant is _CLOSED:
+                        raise PoolClosed(f"pool {self.name!r} is closed")
+                    continue
+            now = time.monotonic()
+            with self._lock:
+                self._checkouts += 1
+                rec.checked_out = now
+                rec.leak_logged = False
+            if self.leak_threshold is not None:
+                rec.stack = "".join(traceback.format_stack()[:-2])
+                self._schedule_leak_check()
+            return rec.conn
+
+    def _unfit(self, rec: _Record) -> str | None:
+        """Why ``rec`` must not be handed out, or None if it is fine."""
+        now = time.monotonic()
+        if rec.deadline is not None and now >= rec.deadline:
+            return "lifetime"
+        if not self.ops.is_usable(rec.conn):
+            return "closed"
+        if self.check == "always" or (self.check == "auto" and now - rec.last_used >= self.check_idle):
+            if not self.ops.ping(rec.conn):
+                return "check_failed"
+        return None
+
+    def _open_reserved(self) -> Any:
+        """Open a connection in a slot already counted in ``_connecting``."""
+        try:
+            conn = self._connect()
+        except BaseException:
+            with self._lock:
+                self._connecting -= 1
+                self._connect_errors += 1
+                self._dispatch_locked()
+            log.debug("pool %r: connect failed", self.name, exc_info=True)
+            raise
+        now = time.monotonic()
+        deadline = None
+        if self.max_lifetime is not None:
+            deadline = now + self.max_lifetime * random.uniform(0.9, 1.0)
+        rec = _Record(conn, now, deadline)
+        with self._lock:
+            self._connecting -= 1
+            self._connects += 1
+            closed = self._closed
+            if closed:
+                self._dispatch_locked()
+            else:
+                self._records[id(conn)] = rec
+        if closed:
+            self.ops.close(conn)
+            raise PoolClosed(f"pool {self.name!r} was closed while connecting")
+        log.debug("pool %r: opened %r", self.name, conn)
+        return conn
+
+    # -- shared internals --------------------------------------------------------
+
+    def _held_record_locked(self, conn: Any, what: str) -> _Record:
+        rec = self._records.get(id(conn))
+        if rec is None or rec.conn is not conn:
+            raise PoolError(f"cannot {what} {conn!r}: it is not a connection of pool {self.name!r}")
+        if rec.state != _IN_USE:
+            raise PoolError(f"cannot {what} {conn!r}: it is not checked out of pool {self.name!r}")
+        return rec
+
+    def _forget_locked(self, rec: _Record, reason: str | None) -> None:
+        del self._records[id(rec.conn)]
+        if reason:
+            self._discards[reason] = self._discards.get(reason, 0) + 1
+
+    def _remove(self, rec: _Record, reason: str | None) -> None:
+        """Forget and close a record that is not idle; its slot is freed."""
+        with self._lock:
+            self._forget_locked(rec, reason)
+            self._dispatch_locked()
+        if reason:
+            log.debug("pool %r: discarding %r (%s)", self.name, rec.conn, reason)
+        self.ops.close(rec.conn)
+
+    def _close_all(self, records: list[_Record]) -> None:
+        for rec in records:
+            self.ops.close(rec.conn)
+
+    def _sweep_locked(self, now: float, to_close: list[_Record]) -> None:
+        # Close the connections idle longer than max_idle, oldest (bottom of
+        # the stack) first, keeping min_size open.
+        if self.max_idle is None:
+            return
+        idle = self._idle
+        while idle and len(self._records) > self.min_size and now - idle[0].last_used > self.max_idle:
+            rec = idle.pop(0)
+            self._forget_locked(rec, "idle")
+            to_close.append(rec)
+
+    def _dispatch_locked(self) -> None:
+        # Serve waiters in arrival order while there is an idle connection
+        # or a free slot.
+        waiters = self._waiters
+        while waiters:
+            if self._idle:
+                grant: Any = self._idle.pop()
+                grant.state = _IN_USE
+            elif len(self._records) + self._connecting < self.max_size:
+                self._connecting += 1
+                grant = _CONNECT
+            else:
+                return
+            waiter = waiters.popleft()
+            waiter.grant = grant
+            if not self._notify_locked(waiter):
+                if grant is _CONNECT:
+                    self._connecting -= 1
+                else:
+                    self._return_idle_locked(grant)
+
+    def _notify_locked(self, waiter: _Waiter) -> bool:
+        try:
+            waiter.notify()
+        except Exception:
+            # Its IOLoop was closed: nobody will ever resume that worker.
+            log.debug("pool %r: cannot wake a waiter", self.name, exc_info=True)
+            return False
+        return True
+
+    def _occupancy_locked(self) -> str:
+        in_use = len(self._records) - len(self._idle)
+        text = f"{in_use}/{self.max_size} connections in use"
+        if self._connecting:
+            text += f", {self._connecting} connecting"
+        return f"{text}, {len(self._waiters)} waiting"
+
+    def _warn_if_blocking_loop(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        log.warning(
+            "pool %r: checkout is blocking the thread of a running event loop until a connection "
+            "is free; call it inside a greenpatch worker",
+            self.name,
+        )
+
+    # -- leak detection -----------------------------------------------------------
+
+    def _scan_leaks_locked(self, now: float, out: list[str], also: _Record | None = None) -> None:
+        threshold = self.leak_threshold
+        if threshold is None:
+            return
+        candidates = [r for r in self._records.values() if r.state == _IN_USE and r.stack is not None]
+        if also is not None and also.stack is not None:
+            candidates.append(also)
+        for rec in candidates:
+            held = now - rec.checked_out
+            if held > threshold and not rec.leak_logged:
+                rec.leak_logged = True
+                out.append(
+                    f"pool {self.name!r}: connection {rec.conn!r} held for {held:.1f} s "
+                    f"(leak_threshold={threshold:g} s); it was checked out at:\n{rec.stack}"
+                )
+
+    def _log_leaks(self, messages: list[str]) -> None:
+        for message in messages:
+            log.warning("%s", message)
+
+    def _schedule_leak_check(self) -> None:
+        # Inside a worker, look again once the threshold has passed, so a
+        # connection that is never returned is reported even when the pool
+        # sees no other activity.
+        worker = hub.current_worker()
+        if worker is None or self.leak_threshold is None:
+            return
+        ref = weakref.ref(self)
+
+        def check() -> None:
+            pool = ref()
+            if pool is not None and pool._pid == os.getpid():
+                leaks: list[str] = []
+                with pool._lock:
+                    pool._scan_leaks_locked(time.monotonic(), leaks)
+                pool._log_leaks(leaks)
+
+        with contextlib.suppress(RuntimeError):
+            worker.loop.call_later(self.leak_threshold + 0.01, check)
+
+    # -- fork safety ---------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        """Start afresh if this process is a fork of the one that made the pool."""
+        if self._pid != os.getpid():
+            self._forget_parent()
+
+    def _forget_parent(self) -> None:
+        # The parent's lock may have been held by another thread at fork
+        # time: replace it unacquired. The parent's connections share their
+        # sockets with it, so they are neither closed nor used here.
+        closed = self._closed
+        conns = [rec.conn for rec in self._records.values()]
+        orphans = self._orphans
+        _forked_connections.extend(conns)
+        self._init_state()
+        self._closed = closed
+        self._orphans = orphans | {id(c) for c in conns}
+        self._pid = os.getpid()
+        log.debug("pool %r: forked; forgot %d connection(s) of the parent", self.name, len(conns))
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._check_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

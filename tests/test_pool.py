@@ -1,0 +1,1051 @@
+"""greenpatch.pool against the real server, with real PyMySQL connections."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+
+import pymysql
+import pytest
+from conftest import run_green, run_loop
+from tornado.ioloop import PeriodicCallback
+
+import greenpatch
+from greenpatch import hub
+from greenpatch.pool import (
+    ConnectionOps,
+    Pool,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    PoolTooManyWaiting,
+    all_pools,
+)
+
+# -- helpers -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pools():
+    """Make pools with ``pools(params, **options)``; all are closed afterwards."""
+    made: list[Pool] = []
+
+    def make(params: dict, **options) -> Pool:
+        options.setdefault("name", "test")
+        pool = Pool(lambda: pymysql.connect(**params), **options)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def scalar(conn, sql: str, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Let the loop run until ``predicate()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    """Block the thread until ``predicate()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.002)
+
+
+def server_count(admin, database: str) -> int:
+    """Server sessions currently connected to ``database``."""
+    return scalar(admin, "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s", (database,))
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- size cap ------------------------------------------------------------------------
+
+
+def test_cap_never_exceeded_with_50_workers(scratch_db, db, patched):
+    database = scratch_db["database"]
+    connecting_now = 0
+    peak_connecting = 0
+
+    def connect():
+        nonlocal connecting_now, peak_connecting
+        connecting_now += 1
+        peak_connecting = max(peak_connecting, connecting_now)
+        try:
+            # Yield between the pool's size check and the connection's
+            # existence: a pool that does not reserve its slot overshoots.
+            greenpatch.sleep(0.01)
+            return pymysql.connect(**scratch_db)
+        finally:
+            connecting_now -= 1
+
+    pool = Pool(connect, name="cap", max_size=5, timeout=20)
+    holders = 0
+    peak_holders = 0
+    peak_pool = 0
+
+    def job(i):
+        nonlocal holders, peak_holders
+        conn = pool.checkout()
+        holders += 1
+        peak_holders = max(peak_holders, holders)
+        try:
+            assert scalar(conn, "SELECT SLEEP(0.02) + %s", (i,)) == i
+        finally:
+            holders -= 1
+            pool.checkin(conn)
+        return i
+
+    # The server's view, sampled from another thread and connection.
+    server_samples: list[int] = []
+    threads_connected: list[int] = []
+    stop = threading.Event()
+
+    def sample_server():
+        admin = pymysql.connect(**db)
+        try:
+            while not stop.is_set():
+                server_samples.append(server_count(admin, database))
+                with admin.cursor() as cur:
+                    cur.execute("SHOW STATUS LIKE 'Threads_connected'")
+                    threads_connected.append(int(cur.fetchone()[1]))
+                time.sleep(0.003)
+        finally:
+            admin.close()
+
+    def sample_pool():
+        nonlocal peak_pool
+        s = pool.stats()
+        peak_pool = max(peak_pool, s["size"] + s["connecting"])
+        assert s["size"] + s["connecting"] <= 5
+
+    async def main():
+        sampler = PeriodicCallback(sample_pool, 2)
+        sampler.start()
+        results = await asyncio.gather(*(greenpatch.spawn(job, i) for i in range(50)))
+        sampler.stop()
+        after = pool.stats()
+        pool.close()
+        return results, after
+
+    thread = threading.Thread(target=sample_server)
+    thread.start()
+    try:
+        results, after = run_loop(main)
+    finally:
+        stop.set()
+        thread.join()
+
+    assert results == list(range(50))
+    assert peak_holders == 5
+    assert peak_connecting <= 5
+    assert peak_pool == 5
+    assert server_samples and max(server_samples) <= 5
+    # Threads_connected counts every client of the server (other test runs
+    # included), so it is recorded for the failure message only.
+    assert max(server_samples) >= 1, (server_samples, threads_connected)
+    assert after["connects"] == 5
+    assert after["checkouts"] == after["checkins"] == 50
+    assert (after["size"], after["idle"], after["in_use"]) == (5, 5, 0)
+    assert (after["connecting"], after["waiting"], after["timeouts"]) == (0, 0, 0)
+    assert after["wait"]["count"] == 45 and after["wait"]["max"] > 0
+    # Closed: back to zero on both sides.
+    assert pool.stats()["size"] == 0
+    admin = pymysql.connect(**db)
+    try:
+        wait_until(lambda: server_count(admin, database) == 0)
+    finally:
+        admin.close()
+
+
+# -- waiting ---------------------------------------------------------------------------
+
+
+def test_greenlet_waiters_are_served_in_arrival_order(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    order = []
+    ticks = []
+
+    def holder():
+        conn = pool.checkout()
+        greenpatch.sleep(0.15)
+        pool.checkin(conn)
+
+    def waiter(i):
+        conn = pool.checkout()
+        order.append(i)
+        try:
+            assert scalar(conn, "SELECT %s", (i,)) == i
+            greenpatch.sleep(0.002)
+        finally:
+            pool.checkin(conn)
+
+    async def main():
+        first = greenpatch.spawn(holder)
+        await until(lambda: pool.stats()["in_use"] == 1)
+        # Each spawn runs the worker up to its first wait: it queues now.
+        futures = [greenpatch.spawn(waiter, i) for i in range(10)]
+        assert pool.stats()["waiting"] == 10
+        ticker = PeriodicCallback(lambda: ticks.append(1), 10)
+        ticker.start()
+        await asyncio.gather(first, *futures)
+        ticker.stop()
+
+    run_loop(main)
+    assert order == list(range(10))
+    assert len(ticks) >= 5  # the loop ran while workers waited
+    s = pool.stats()
+    assert s["connects"] == 1 and s["waiting"] == 0 and s["in_use"] == 0
+
+
+def test_timeouts_only_hit_waiters_beyond_their_timeout(db, patched, pools):
+    pool = pools(db, name="tq", max_size=2, timeout=10)
+    served = []
+
+    def holder():
+        conn = pool.checkout()
+        greenpatch.sleep(0.5)
+        pool.checkin(conn)
+
+    def waiter(name, timeout):
+        t0 = time.monotonic()
+        try:
+            conn = pool.checkout(timeout=timeout)
+        except PoolTimeout as exc:
+            return name, exc, time.monotonic() - t0
+        served.append((name, conn.thread_id()))
+        pool.checkin(conn)
+        return name, None, time.monotonic() - t0
+
+    async def main():
+        holding = [greenpatch.spawn(holder) for _ in range(2)]
+        await until(lambda: pool.stats()["in_use"] == 2)
+        plan = [("B1", 0.2), ("A1", 2.0), ("B2", 0.2), ("A2", 2.0), ("B3", 0.2)]
+        waiting = [greenpatch.spawn(waiter, name, t) for name, t in plan]
+        assert pool.stats()["waiting"] == 5
+        await asyncio.sleep(0.3)
+        mid = pool.stats()
+        results = await asyncio.gather(*waiting)
+        await asyncio.gather(*holding)
+        return mid, results
+
+    mid, results = run_loop(main)
+    # The three short waiters gave up and left the queue; the others stayed.
+    assert mid["waiting"] == 2 and mid["timeouts"] == 3
+    outcome = {name: (exc, took) for name, exc, took in results}
+    for name in ("B1", "B2", "B3"):
+        exc, took = outcome[name]
+        assert isinstance(exc, PoolTimeout), name
+        assert 0.19 <= took < 0.45, (name, took)
+    assert str(outcome["B1"][0]) == "pool 'tq' timed out after 0.2 s: 2/2 connections in use, 5 waiting"
+    assert re.fullmatch(
+        r"pool 'tq' timed out after 0\.2 s: 2/2 connections in use, \d waiting", str(outcome["B3"][0])
+    )
+    for name in ("A1", "A2"):
+        exc, took = outcome[name]
+        assert exc is None and 0.45 <= took < 1.5, (name, took)
+    assert [name for name, _ in served] == ["A1", "A2"]
+    s = pool.stats()
+    # No connection went to a waiter that had given up: all are back.
+    assert s["connects"] == 2 and s["checkouts"] == s["checkins"] == 4
+    assert (s["size"], s["idle"], s["in_use"], s["waiting"], s["connecting"]) == (2, 2, 0, 0, 0)
+    assert s["wait"]["count"] == 2
+
+
+def test_max_waiting_fails_fast(db, patched, pools):
+    pool = pools(db, name="mw", max_size=1, max_waiting=2, timeout=10)
+
+    def holder():
+        conn = pool.checkout()
+        greenpatch.sleep(0.2)
+        pool.checkin(conn)
+
+    def waiter():
+        conn = pool.checkout()
+        pool.checkin(conn)
+        return "served"
+
+    def one_too_many():
+        t0 = time.monotonic()
+        try:
+            pool.checkout()
+        except PoolTooManyWaiting as exc:
+            return exc, time.monotonic() - t0
+        raise AssertionError("checkout should have failed")
+
+    async def main():
+        first = greenpatch.spawn(holder)
+        await until(lambda: pool.stats()["in_use"] == 1)
+        waiting = [greenpatch.spawn(waiter) for _ in range(2)]
+        exc, took = await greenpatch.spawn(one_too_many)
+        return exc, took, await asyncio.gather(*waiting), await first
+
+    exc, took, served, _ = run_loop(main)
+    assert isinstance(exc, PoolTimeout)
+    # Django's error wrapper turns it into django.db.OperationalError
+    # (greenpatch.django.pooling relies on this).
+    assert isinstance(exc, pymysql.err.OperationalError)
+    assert took < 0.05
+    assert str(exc) == "pool 'mw' has too many waiting: 1/1 connections in use, 2 waiting (max_waiting=2)"
+    assert served == ["served", "served"]
+    s = pool.stats()
+    assert s["timeouts"] == 1 and s["waiting"] == 0 and s["in_use"] == 0
+
+
+def test_thread_waiters_in_order_and_timeout(db, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    holder = pool.checkout()
+    order = []
+    errors = []
+
+    def waiter(i):
+        try:
+            conn = pool.checkout()
+            order.append(i)
+            assert scalar(conn, "SELECT %s", (i,)) == i
+            time.sleep(0.005)
+            pool.checkin(conn)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = []
+    for i in range(6):
+        t = threading.Thread(target=waiter, args=(i,))
+        t.start()
+        threads.append(t)
+        wait_until(lambda n=i + 1: pool.stats()["waiting"] == n)
+    t0 = time.monotonic()
+    with pytest.raises(PoolTimeout, match=r"timed out after 0\.1 s: 1/1 connections in use, 7 waiting"):
+        pool.checkout(timeout=0.1)
+    assert time.monotonic() - t0 >= 0.1
+    assert pool.stats()["waiting"] == 6
+    pool.checkin(holder)
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert order == list(range(6))
+    s = pool.stats()
+    assert (s["size"], s["in_use"], s["waiting"], s["timeouts"]) == (1, 0, 0, 1)
+
+
+def test_thread_and_greenlet_waiters_share_one_fifo_queue(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    order = []
+    errors = []
+    release = None
+
+    def holder():
+        conn = pool.checkout()
+        hub.wait(release)
+        pool.checkin(conn)
+
+    def green_waiter(i):
+        conn = pool.checkout()
+        order.append(("green", i))
+        assert scalar(conn, "SELECT %s", (i,)) == i
+        greenpatch.sleep(0.003)
+        pool.checkin(conn)
+
+    def thread_waiter(i):
+        try:
+            conn = pool.checkout()
+            order.append(("thread", i))
+            assert scalar(conn, "SELECT %s", (i,)) == i
+            time.sleep(0.003)
+            pool.checkin(conn)  # wakes a greenlet from this thread when it is next
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    async def main():
+        nonlocal release
+        release = asyncio.get_running_loop().create_future()
+        first = greenpatch.spawn(holder)
+        await until(lambda: pool.stats()["in_use"] == 1)
+        futures, threads = [], []
+        for i in range(8):
+            if i % 2:
+                t = threading.Thread(target=thread_waiter, args=(i,))
+                t.start()
+                threads.append(t)
+            else:
+                futures.append(greenpatch.spawn(green_waiter, i))
+            await until(lambda n=i + 1: pool.stats()["waiting"] == n)
+        release.set_result(None)
+        await asyncio.gather(first, *futures)
+        await until(lambda: not any(t.is_alive() for t in threads))
+
+    run_loop(main)
+    assert not errors
+    assert order == [("thread" if i % 2 else "green", i) for i in range(8)]
+    s = pool.stats()
+    assert s["connects"] == 1 and s["in_use"] == 0 and s["waiting"] == 0
+
+
+def test_threads_and_workers_hammering_one_pool(db, patched, pools):
+    pool = pools(db, max_size=3, timeout=20)
+    holders: dict[int, str] = {}
+    guard = threading.Lock()
+    errors = []
+    peak = 0
+
+    def use(who):
+        nonlocal peak
+        conn = pool.checkout()
+        with guard:
+            if id(conn) in holders:
+                errors.append(f"{who} got a connection held by {holders[id(conn)]}")
+            holders[id(conn)] = who
+            peak = max(peak, len(holders))
+        try:
+            assert scalar(conn, "SELECT %s", (who,)) == who
+        finally:
+            with guard:
+                del holders[id(conn)]
+            pool.checkin(conn)
+
+    def thread_main(n):
+        try:
+            for i in range(25):
+                use(f"t{n}.{i}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def worker_main(n):
+        for i in range(15):
+            use(f"w{n}.{i}")
+            if i % 3 == 0:
+                greenpatch.sleep(0)
+
+    async def main():
+        threads = [threading.Thread(target=thread_main, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        await asyncio.gather(*(greenpatch.spawn(worker_main, n) for n in range(12)))
+        await until(lambda: not any(t.is_alive() for t in threads), timeout=20)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        run_loop(main)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert peak <= 3
+    s = pool.stats()
+    assert s["checkouts"] == s["checkins"] == 6 * 25 + 12 * 15
+    assert (s["in_use"], s["waiting"], s["connecting"]) == (0, 0, 0)
+    assert s["size"] <= 3 and s["connects"] == s["size"]
+
+
+def test_pool_state_stays_consistent_under_thread_contention():
+    # Pool logic only (plain objects for connections): many threads, tiny
+    # GIL switch interval, so unguarded state would show.
+    pool = Pool(object, ops=ConnectionOps(), name="contention", max_size=4, timeout=20, reset="none")
+    holders: set[int] = set()
+    guard = threading.Lock()
+    errors = []
+
+    def hammer():
+        try:
+            for _ in range(800):
+                conn = pool.checkout()
+                with guard:
+                    if id(conn) in holders:
+                        errors.append("connection handed to two holders")
+                    holders.add(id(conn))
+                with guard:
+                    holders.discard(id(conn))
+                pool.checkin(conn)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    s = pool.stats()
+    assert s["checkouts"] == s["checkins"] == 8 * 800
+    assert (s["in_use"], s["waiting"], s["connecting"]) == (0, 0, 0)
+    assert s["size"] == s["connects"] <= 4
+
+
+def test_killed_waiters_leave_the_queue(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    got = []
+    workers = {}
+
+    def holder():
+        conn = pool.checkout()
+        greenpatch.sleep(0.1)
+        pool.checkin(conn)
+
+    def waiter(i):
+        workers[i] = hub.current_worker()
+        conn = pool.checkout()
+        got.append(i)
+        pool.checkin(conn)
+
+    async def main():
+        first = greenpatch.spawn(holder)
+        await until(lambda: pool.stats()["in_use"] == 1)
+        f0, f1, f2 = (greenpatch.spawn(waiter, i) for i in range(3))
+        assert pool.stats()["waiting"] == 3
+        f0.cancel()  # cancelling the spawn future kills the worker
+        workers[1].kill()
+        await until(lambda: pool.stats()["waiting"] == 1)
+        await asyncio.gather(first, f2)
+        return f0, f1
+
+    f0, f1 = run_loop(main)
+    assert f0.cancelled() and f1.cancelled()
+    assert got == [2]
+    s = pool.stats()
+    assert (s["in_use"], s["waiting"], s["connecting"], s["size"]) == (0, 0, 0, 1)
+
+
+def test_connection_granted_to_a_waiter_killed_before_it_ran_goes_to_the_next(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    got = []
+
+    def take():
+        return pool.checkout()
+
+    def waiter(i):
+        conn = pool.checkout()
+        got.append((i, conn.thread_id()))
+        pool.checkin(conn)
+
+    async def main():
+        conn = await greenpatch.spawn(take)  # held, not returned by its worker
+        f1 = greenpatch.spawn(waiter, 1)
+        f2 = greenpatch.spawn(waiter, 2)
+        pool.checkin(conn)  # granted to waiter 1, whose wake-up is only scheduled...
+        assert pool.stats()["waiting"] == 1
+        f1.cancel()  # ...and killed before it runs: waiter 2 must get it
+        await f2
+        return f1, conn.thread_id()
+
+    f1, thread_id = run_loop(main)
+    assert f1.cancelled()
+    assert got == [(2, thread_id)]
+    s = pool.stats()
+    assert (s["size"], s["idle"], s["in_use"], s["waiting"], s["connects"]) == (1, 1, 0, 0, 1)
+
+
+# -- connecting --------------------------------------------------------------------------
+
+
+def test_failed_connect_frees_its_slot(db, patched):
+    pool = Pool(
+        lambda: pymysql.connect(**dict(db, port=unused_port(), connect_timeout=2)), name="bad", max_size=1
+    )
+
+    def attempt():
+        try:
+            pool.checkout(timeout=1)
+        except pymysql.err.OperationalError as exc:
+            return exc
+        raise AssertionError("connect to a closed port succeeded")
+
+    for _ in range(3):
+        exc = run_green(attempt)
+        assert exc.args[0] == 2003
+    s = pool.stats()
+    assert (s["size"], s["connecting"], s["connect_errors"], s["connects"]) == (0, 0, 3, 0)
+    pool.close()
+
+
+def test_failed_connect_lets_the_next_waiter_connect(db, patched):
+    bad = dict(db, port=unused_port(), connect_timeout=2)
+    attempts = []
+
+    def connect():
+        attempts.append(hub.current_worker())
+        if len(attempts) == 1:
+            greenpatch.sleep(0.1)
+            return pymysql.connect(**bad)
+        return pymysql.connect(**db)
+
+    pool = Pool(connect, name="retry", max_size=1, timeout=5)
+
+    def use():
+        conn = pool.checkout()
+        try:
+            return scalar(conn, "SELECT 7")
+        finally:
+            pool.checkin(conn)
+
+    async def main():
+        first = greenpatch.spawn(use)
+        second = greenpatch.spawn(use)
+        # The first connect is in progress: it holds the only slot.
+        s = pool.stats()
+        assert (s["connecting"], s["waiting"]) == (1, 1)
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        pool.close()
+        return results
+
+    first, second = run_loop(main)
+    assert isinstance(first, pymysql.err.OperationalError)
+    assert second == 7
+    assert len(attempts) == 2
+    s = pool.stats()
+    assert (s["connect_errors"], s["connects"], s["connecting"], s["size"]) == (1, 1, 0, 0)
+
+
+def test_prefill_opens_min_size(db, patched, pools):
+    pool = pools(db, min_size=3, max_size=5)
+    run_green(pool.prefill)
+    s = pool.stats()
+    assert (s["size"], s["idle"], s["connects"]) == (3, 3, 3)
+    run_green(pool.prefill)
+    assert pool.stats()["connects"] == 3
+
+
+# -- checks, lifetime, idle --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("check", ["always", "auto", "never"])
+def test_connection_killed_server_side(db, patched, pools, check):
+    pool = pools(db, max_size=1, check=check, check_idle=0.05)
+    admin = pymysql.connect(**db)
+
+    def scenario():
+        conn = pool.checkout()
+        killed = conn.thread_id()
+        pool.checkin(conn)
+        admin.kill(killed)
+        greenpatch.sleep(0.1)
+        conn = pool.checkout()
+        try:
+            try:
+                return killed, conn.thread_id(), scalar(conn, "SELECT CONNECTION_ID()")
+            except pymysql.err.OperationalError as exc:
+                return killed, conn.thread_id(), exc
+        finally:
+            pool.checkin(conn)
+
+    try:
+        killed, handed, answer = run_green(scenario)
+    finally:
+        admin.close()
+    s = pool.stats()
+    if check == "never":
+        # Without a check the dead connection is handed out and fails.
+        assert handed == killed
+        assert isinstance(answer, pymysql.err.OperationalError)
+        assert s["discards"] == {"closed": 1}
+    else:
+        assert handed != killed and answer == handed
+        assert s["discards"] == {"check_failed": 1}
+        assert s["connects"] == 2 and s["size"] == 1
+
+
+def test_lifetime_expiry(db, pools):
+    pool = pools(db, max_lifetime=0.2)
+    conn = pool.checkout()
+    first = conn.thread_id()
+    pool.checkin(conn)
+    time.sleep(0.25)
+    conn = pool.checkout()
+    assert conn.thread_id() != first
+    assert pool.stats()["discards"] == {"lifetime": 1}
+    time.sleep(0.25)
+    pool.checkin(conn)  # expired while held: closed at checkin
+    s = pool.stats()
+    assert s["discards"] == {"lifetime": 2} and s["size"] == 0
+
+
+def test_lifetime_has_jitter():
+    pool = Pool(object, ops=ConnectionOps(), min_size=20, max_size=20, max_lifetime=100)
+    pool.prefill()
+    spans = [rec.deadline - rec.created for rec in pool._records.values()]
+    assert len(spans) == 20
+    assert all(90 <= span <= 100 for span in spans)
+    assert len(set(spans)) > 1
+
+
+def test_max_idle_sweep_keeps_min_size(db, pools):
+    pool = pools(db, min_size=1, max_size=3, max_idle=0.2)
+    conns = [pool.checkout() for _ in range(3)]
+    for conn in conns:
+        pool.checkin(conn)
+    time.sleep(0.25)
+    conn = pool.checkout()
+    s = pool.stats()
+    assert s["discards"] == {"idle": 2}
+    assert s["size"] == 1 and conn is conns[-1]  # the newest survived
+    assert scalar(conn, "SELECT 1") == 1
+    pool.checkin(conn)
+
+
+def test_idle_connections_are_reused_newest_first(db, pools):
+    pool = pools(db, max_size=3)
+    a, b = pool.checkout(), pool.checkout()
+    pool.checkin(a)
+    pool.checkin(b)
+    assert pool.checkout() is b
+    assert pool.checkout() is a
+
+
+# -- reset on checkin ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+@pytest.mark.parametrize("reset", ["rollback", "none"])
+def test_reset_rollback_ends_the_transaction(scratch_db, patched, reset, autocommit):
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE t (i INT) ENGINE=InnoDB")
+    pool = Pool(
+        lambda: pymysql.connect(**scratch_db, autocommit=autocommit), name="rb", max_size=1, reset=reset
+    )
+
+    def scenario():
+        conn = pool.checkout()
+        if autocommit:
+            conn.begin()
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO t VALUES (1)")
+        assert scalar(conn, "SELECT @@in_transaction") == 1
+        pool.checkin(conn)
+        again = pool.checkout()
+        assert again is conn
+        try:
+            return scalar(again, "SELECT @@in_transaction"), scalar(again, "SELECT COUNT(*) FROM t")
+        finally:
+            again.rollback()
+            pool.checkin(again)
+
+    try:
+        in_trans, rows = run_green(scenario)
+        assert scalar(admin, "SELECT COUNT(*) FROM t") == 0
+    finally:
+        pool.close()
+        admin.close()
+    if reset == "rollback":
+        assert (in_trans, rows) == (0, 0)
+    else:  # the next holder inherits the open transaction
+        assert (in_trans, rows) == (1, 1)
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_reset_full_clears_the_session(scratch_db, patched, autocommit):
+    options = dict(scratch_db, autocommit=autocommit, sql_mode="ANSI_QUOTES", init_command="SET @init=42")
+    pool = Pool(lambda: pymysql.connect(**options), name="full", max_size=1, reset="full")
+
+    def dirty(conn):
+        with conn.cursor() as cur:
+            cur.execute("SET @x = 1")
+            cur.execute("SET foreign_key_checks = 0")
+            cur.execute("CREATE TEMPORARY TABLE tmp_t (i INT)")
+            cur.execute("SET NAMES latin1")
+
+    def scenario():
+        conn = pool.checkout()
+        thread_id = conn.thread_id()
+        dirty(conn)
+        pool.checkin(conn)
+        conn = pool.checkout()
+        try:
+            seen = {
+                "same": conn.thread_id() == thread_id,
+                "x": scalar(conn, "SELECT @x"),
+                "fkc": scalar(conn, "SELECT @@foreign_key_checks"),
+                "charset": scalar(conn, "SELECT @@character_set_client"),
+                "init": scalar(conn, "SELECT @init"),
+                "ansi": "ANSI_QUOTES" in scalar(conn, "SELECT @@sql_mode"),
+                "autocommit": scalar(conn, "SELECT @@autocommit"),
+                "client_autocommit": conn.get_autocommit(),
+            }
+            with pytest.raises(pymysql.err.ProgrammingError) as info:
+                scalar(conn, "SELECT * FROM tmp_t")
+            seen["tmp"] = info.value.args[0]
+            seen["works"] = scalar(conn, "SELECT 'ok'")
+            return seen
+        finally:
+            pool.checkin(conn)
+
+    try:
+        seen = run_green(scenario)
+    finally:
+        pool.close()
+    assert seen == {
+        "same": True,  # reset, not reconnected
+        "x": None,
+        "fkc": 1,
+        "charset": "utf8mb4",
+        "init": 42,
+        "ansi": True,
+        "autocommit": int(autocommit),
+        "client_autocommit": autocommit,
+        "tmp": 1146,  # no such table
+        "works": "ok",
+    }
+    assert pool.stats()["discards"] == {}
+
+
+def test_reset_rollback_keeps_session_state(db, pools):
+    # What "full" is for: a light reset leaves user SETs behind.
+    pool = pools(db, max_size=1, reset="rollback")
+    conn = pool.checkout()
+    with conn.cursor() as cur:
+        cur.execute("SET @x = 1")
+        cur.execute("SET foreign_key_checks = 0")
+    pool.checkin(conn)
+    conn = pool.checkout()
+    assert (scalar(conn, "SELECT @x"), scalar(conn, "SELECT @@foreign_key_checks")) == (1, 0)
+    pool.checkin(conn)
+
+
+# -- holder errors -------------------------------------------------------------------------
+
+
+def test_double_checkin_and_foreign_connections(db, pools):
+    pool = pools(db, max_size=2)
+    conn = pool.checkout()
+    pool.checkin(conn)
+    with pytest.raises(PoolError, match="not checked out of pool 'test'"):
+        pool.checkin(conn)
+    stranger = pymysql.connect(**db)
+    try:
+        with pytest.raises(PoolError, match="not a connection of pool 'test'"):
+            pool.checkin(stranger)
+    finally:
+        stranger.close()
+    conn = pool.checkout()
+    pool.discard(conn, "broken")
+    with pytest.raises(PoolError):
+        pool.checkin(conn)
+    with pytest.raises(PoolError):
+        pool.discard(conn)
+    assert not conn.open
+    s = pool.stats()
+    assert s["discards"] == {"broken": 1} and s["size"] == 0 and s["checkins"] == 1
+
+
+def test_connection_context_manager(db, pools):
+    pool = pools(db, max_size=2)
+    admin = pymysql.connect(**db)
+    try:
+        with pool.connection() as conn:
+            first = conn
+            assert scalar(conn, "SELECT 1") == 1
+        assert pool.stats()["idle"] == 1
+        with pytest.raises(ValueError):
+            with pool.connection() as conn:
+                assert conn is first
+                raise ValueError("not the connection's fault")
+        assert pool.stats()["idle"] == 1 and pool.stats()["discards"] == {}
+        with pytest.raises(pymysql.err.OperationalError):
+            with pool.connection() as conn:
+                admin.kill(conn.thread_id())
+                time.sleep(0.05)
+                scalar(conn, "SELECT 1")
+        s = pool.stats()
+        assert s["discards"] == {"error": 1} and s["size"] == 0
+    finally:
+        admin.close()
+
+
+def test_leak_threshold_logs_the_checkout_stack(db, patched, pools, caplog):
+    pool = pools(db, max_size=2, leak_threshold=0.1)
+    seen_before_checkin = []
+
+    def leaky_function():
+        conn = pool.checkout()
+        greenpatch.sleep(0.2)  # no pool activity meanwhile
+        seen_before_checkin.append(list(caplog.records))
+        pool.checkin(conn)
+
+    with caplog.at_level(logging.WARNING, logger="greenpatch.pool"):
+        run_green(leaky_function)
+        conn = pool.checkout()  # held briefly: no warning
+        pool.checkin(conn)
+    warnings = [r for r in caplog.records if r.name == "greenpatch.pool"]
+    assert len(warnings) == 1
+    assert len(seen_before_checkin[0]) == 1  # reported while still held
+    message = warnings[0].getMessage()
+    assert "held for" in message and "leak_threshold=0.1 s" in message
+    assert "leaky_function" in message
+
+
+# -- closing --------------------------------------------------------------------------------
+
+
+def test_close_wakes_waiters_and_closes_connections_at_checkin(db, patched):
+    pool = Pool(lambda: pymysql.connect(**db), name="closing", max_size=2, timeout=10)
+    outcomes = []
+
+    def waiter(kind):
+        try:
+            pool.checkout()
+        except PoolClosed as exc:
+            outcomes.append((kind, str(exc)))
+
+    async def main():
+        a = await greenpatch.spawn(pool.checkout)
+        b = await greenpatch.spawn(pool.checkout)
+        thread = threading.Thread(target=waiter, args=("thread",))
+        thread.start()
+        await until(lambda: pool.stats()["waiting"] == 1)
+        green = greenpatch.spawn(waiter, "green")
+        assert pool.stats()["waiting"] == 2
+        pool.close()
+        await green
+        await until(lambda: not thread.is_alive())
+        assert a.open and b.open  # in use: closed when checked in
+        pool.checkin(a)
+        pool.checkin(b)
+        return a, b
+
+    a, b = run_loop(main)
+    message = "pool 'closing' was closed while waiting for a connection"
+    assert sorted(outcomes) == [("green", message), ("thread", message)]
+    assert not a.open and not b.open
+    s = pool.stats()
+    assert (s["size"], s["waiting"], s["discards"]) == (0, 0, {})
+    with pytest.raises(PoolClosed, match="pool 'closing' is closed"):
+        pool.checkout()
+
+
+def test_close_closes_idle_connections_now(db):
+    pool = Pool(lambda: pymysql.connect(**db), name="closing", max_size=2)
+    conn = pool.checkout()
+    pool.checkin(conn)
+    assert conn.open
+    pool.close()
+    assert not conn.open and pool.stats()["size"] == 0
+    pool.close()  # harmless
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_child_starts_fresh_and_parent_keeps_its_connections(scratch_db):
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE t (i INT) ENGINE=InnoDB")
+    pool = Pool(lambda: pymysql.connect(**scratch_db), name="forked", max_size=2)
+    idle = pool.checkout()
+    idle_id = idle.thread_id()
+    held = pool.checkout()  # with an open transaction the child must not touch
+    pool.checkin(idle)
+    with held.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (1)")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            pool.checkin(held)  # a parent's connection: ignored, no ROLLBACK sent
+            conn = pool.checkout()
+            fresh = conn is not idle and conn is not held
+            answer = scalar(conn, "SELECT CONNECTION_ID()")
+            size = pool.stats()["size"]
+            pool.checkin(conn)
+            pool.close()  # would send COM_QUIT on the parent's sessions if it knew them
+            gc.collect()
+            os.write(write, f"{int(fresh)} {answer} {size}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        report = os.read(read, 200).decode()
+    finally:
+        os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    fresh, child_thread, child_size = report.split()
+    assert fresh == "1" and child_size == "1"
+    assert int(child_thread) not in (idle_id, held.thread_id())
+    # The parent's connections are intact, transaction included.
+    held.commit()
+    pool.checkin(held)
+    assert scalar(admin, "SELECT COUNT(*) FROM t") == 1
+    conn = pool.checkout()
+    assert conn is held  # newest first
+    other = pool.checkout()
+    assert other is idle and scalar(other, "SELECT CONNECTION_ID()") == idle_id
+    pool.checkin(conn)
+    pool.checkin(other)
+    pool.close()
+    admin.close()
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"reset": "partial"}, "reset='partial' is not accepted; use 'rollback', 'full' or 'none'"),
+        ({"check": "sometimes"}, "check='sometimes' is not accepted; use 'auto', 'always' or 'never'"),
+        ({"min_size": -1}, "min_size=-1 is not accepted; use an integer >= 0"),
+        ({"max_size": 0}, "max_size=0 is not accepted; use an integer >= 1"),
+        ({"max_size": 2.5}, "max_size=2.5 is not accepted; use an integer >= 1"),
+        ({"max_size": True}, "max_size=True is not accepted; use an integer >= 1"),
+        ({"min_size": 3, "max_size": 2}, "min_size=3 is not accepted; use an integer <= max_size (2)"),
+        ({"timeout": 0}, "timeout=0 is not accepted; use a number of seconds > 0"),
+        ({"timeout": -1.5}, "timeout=-1.5 is not accepted; use a number of seconds > 0"),
+        ({"timeout": "5"}, "timeout='5' is not accepted; use a number of seconds > 0"),
+        ({"max_waiting": -1}, "max_waiting=-1 is not accepted; use an integer >= 0"),
+        ({"max_lifetime": 0}, "max_lifetime=0 is not accepted; use a number of seconds > 0 or None"),
+        ({"max_idle": -5}, "max_idle=-5 is not accepted; use a number of seconds > 0 or None"),
+        ({"check_idle": -1}, "check_idle=-1 is not accepted; use a number of seconds >= 0"),
+        ({"leak_threshold": 0}, "leak_threshold=0 is not accepted; use a number of seconds > 0 or None"),
+        ({"ops": object()}, "is not accepted; use a ConnectionOps (missing ping, reset, is_usable, close)"),
+    ],
+)
+def test_bad_constructor_values(options, message):
+    with pytest.raises(ValueError) as info:
+        Pool(object, **options)
+    assert message in str(info.value)
+
+
+def test_bad_connect_and_checkout_timeout():
+    with pytest.raises(ValueError, match="connect=None is not accepted"):
+        Pool(None)  # type: ignore[arg-type]
+    pool = Pool(object, ops=ConnectionOps())
+    with pytest.raises(ValueError, match="timeout=-1 is not accepted"):
+        pool.checkout(timeout=-1)
+
+
+def test_all_pools_is_a_weak_registry():
+    pool = Pool(object, name="registered")
+    assert pool in all_pools()
+    del pool
+    gc.collect()
+    assert "registered" not in [p.name for p in all_pools()]
