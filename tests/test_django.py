@@ -440,3 +440,54 @@ def test_blocking_callers_use_their_own_pool_and_never_get_green_connections():
     t.start()
     t.join()
     assert out and out[0] is not GreenSocket
+
+
+# -- async_to_sync inside workers ------------------------------------------
+
+
+def test_async_to_sync_inside_a_worker_runs_on_the_loop():
+    from asgiref.sync import async_to_sync
+
+    async def double(x):
+        await asyncio.sleep(0.01)
+        return 2 * x, asyncio.get_running_loop()
+
+    def fn():
+        return async_to_sync(double)(21), asyncio.get_event_loop_policy().get_event_loop()
+
+    async def main():
+        return await greenpatch.spawn(fn), asyncio.get_running_loop()
+
+    ((value, coro_loop), _), loop = run_loop(main)
+    assert value == 42
+    assert coro_loop is loop  # ran on the worker's own loop, not a new one
+    # Outside workers asgiref behaves as stock (a plain thread with no loop).
+    assert async_to_sync(double)(1)[0] == 2
+
+
+def test_async_middleware_under_wsgi_in_a_worker():
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.test import override_settings
+
+    with override_settings(ROOT_URLCONF="djangoapp.urls", MIDDLEWARE=["djangoapp.middleware.async_header"]):
+        handler = WSGIHandler()
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/count/",
+            "SERVER_NAME": "testserver",
+            "SERVER_PORT": "80",
+            "wsgi.input": __import__("io").BytesIO(b""),
+            "wsgi.url_scheme": "http",
+        }
+        statuses = []
+
+        def start_response(status, headers):
+            statuses.append((status, dict(headers)))
+
+        def request():
+            return b"".join(handler(environ, start_response))
+
+        bodies = gather(request, 3)
+    assert all(isinstance(b, bytes) and b.startswith(b'{"count"') for b in bodies), bodies
+    assert [s[0] for s in statuses] == ["200 OK"] * 3
+    assert all(s[1]["X-Async"] == "yes" for s in statuses)

@@ -47,7 +47,7 @@ def test_unpatched_is_stock(db):
     assert socket_type_in_worker(db) is not GreenSocket
 
 
-ALL = ["pymysql", "mysqldb", "django_db", "django_mysql"]
+ALL = ["pymysql", "mysqldb", "django_db", "django_mysql", "asgiref", "runserver"]
 
 
 def _snapshot(name):
@@ -71,6 +71,15 @@ def _objects(name):
             "get_running_loop": django.utils.asyncio.get_running_loop,
             "hooks": tuple(hub._exit_hooks),
         }
+    if name == "asgiref":
+        from asgiref.sync import AsyncToSync
+
+        return {"__call__": AsyncToSync.__dict__["__call__"]}
+    if name == "runserver":
+        import django.utils.autoreload
+        from django.core.management.commands import runserver
+
+        return {"run": runserver.run, "get_child_arguments": django.utils.autoreload.get_child_arguments}
     from django.db.backends.mysql.base import DatabaseWrapper
 
     return {
@@ -144,7 +153,12 @@ def test_patch_unpatch_cycles(db):
 
 
 def test_patch_all_flags():
-    assert greenpatch.patch_all(pymysql=False, django_db=False) == ["mysqldb", "django_mysql"]
+    assert greenpatch.patch_all(pymysql=False, django_db=False) == [
+        "mysqldb",
+        "django_mysql",
+        "asgiref",
+        "runserver",
+    ]
     assert "pymysql" not in greenpatch.patched() and "django_db" not in greenpatch.patched()
     with pytest.raises(config.ConfigError, match="unknown patch 'gevent'.*accepted names: pymysql, mysqldb"):
         greenpatch.patch_all(gevent=True)
@@ -171,13 +185,15 @@ def test_env_greenpatch_bad_value(monkeypatch, value):
 
 def test_env_disable_skips_named_patch(monkeypatch):
     monkeypatch.setenv("GREENPATCH_DISABLE", " pymysql ,django_mysql")
-    assert greenpatch.patch_all() == ["mysqldb", "django_db"]
+    assert greenpatch.patch_all() == ["mysqldb", "django_db", "asgiref", "runserver"]
     assert "pymysql" not in greenpatch.patched()
 
 
 def test_env_disable_unknown_name(monkeypatch):
     monkeypatch.setenv("GREENPATCH_DISABLE", "pymysql,sockets")
-    expected = "GREENPATCH_DISABLE.*sockets.*accepted names: django_db, django_mysql, mysqldb, pymysql"
+    expected = (
+        "GREENPATCH_DISABLE.*sockets.*accepted names: asgiref, django_db, django_mysql, mysqldb, pymysql"
+    )
     with pytest.raises(config.ConfigError, match=expected):
         greenpatch.patch_all()
 
@@ -246,6 +262,7 @@ def test_django_patches_apply_on_django_import():
         settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "test"}})
         from django.db import connections
         connections["default"]  # imports the MySQL backend: needs MySQLdb
+        import django.core.management.commands.runserver
         print(greenpatch.patched())
         """
     )

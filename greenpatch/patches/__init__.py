@@ -29,6 +29,8 @@ PATCHES: dict[str, str] = {
     "mysqldb": "greenpatch.patches.mysqldb",  # PyMySQL answers `import MySQLdb`
     "django_db": "greenpatch.patches.django_db",  # greenlet-local connections
     "django_mysql": "greenpatch.patches.django_mysql",  # pool behind the MySQL backend
+    "asgiref": "greenpatch.patches.asgiref",  # async_to_sync inside workers
+    "runserver": "greenpatch.patches.runserver",  # runserver on Tornado
 }
 
 _lock = threading.RLock()
