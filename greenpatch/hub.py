@@ -35,6 +35,7 @@ __all__ = [
     "current_worker",
     "green",
     "is_worker",
+    "release_fd",
     "remove_exit_hook",
     "sleep",
     "spawn",
@@ -107,6 +108,9 @@ class Worker(greenlet.greenlet):
         self.future: asyncio.Future = asyncio.Future(loop=loop.asyncio_loop)  # type: ignore[attr-defined]
         self.future.add_done_callback(self._on_future_done)
         self._wait_token: object | None = None
+        # The fd registration kept between back-to-back wait_fd(owner=...)
+        # calls; dropped as soon as the worker parks on anything else or ends.
+        self._fd_watch: _FdWatch | None = None
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
@@ -136,6 +140,7 @@ class Worker(greenlet.greenlet):
             if not future.done():
                 future.set_result(result)
         finally:
+            self._drop_fd_watch()
             # Drop references early: the future may outlive the greenlet.
             self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
 
@@ -187,7 +192,14 @@ class Worker(greenlet.greenlet):
 
     # -- waiting -----------------------------------------------------------
 
+    def _drop_fd_watch(self) -> None:
+        watch, self._fd_watch = self._fd_watch, None
+        if watch is not None:
+            watch.remove()
+
     def _park(self, future: asyncio.Future, timeout: float | None) -> Any:
+        if self._fd_watch is not None:
+            self._drop_fd_watch()
         token = object()
         self._wait_token = token
 
@@ -222,16 +234,101 @@ class Worker(greenlet.greenlet):
         raise RuntimeError(f"{self!r} was resumed by an unexpected switch ({how!r})")
 
 
-def wait_fd(fd: int, write: bool = False, timeout: float | None = None) -> None:
+class _FdWatch:
+    """A worker's registration of one fd for one event (see `wait_fd` ``owner``)."""
+
+    __slots__ = ("worker", "aloop", "fd", "write", "owner", "token")
+
+    def __init__(self, worker: Worker, fd: int, write: bool, owner: object) -> None:
+        self.worker = worker
+        self.aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
+        self.fd = fd
+        self.write = write
+        self.owner = owner
+        self.token: object | None = None
+        if write:
+            self.aloop.add_writer(fd, self.ready)
+        else:
+            self.aloop.add_reader(fd, self.ready)
+
+    def ready(self) -> None:
+        worker = self.worker
+        if self.token is not None and worker._wait_token is self.token:
+            worker._wait_token = None
+            worker.switch(_RESUMED)
+        elif worker._fd_watch is self:  # nobody waits (level-triggered): stop watching
+            worker._drop_fd_watch()
+
+    def remove(self) -> None:
+        if self.aloop.is_closed():
+            return
+        if self.write:
+            self.aloop.remove_writer(self.fd)
+        else:
+            self.aloop.remove_reader(self.fd)
+
+
+def _wait_fd_kept(worker: Worker, fd: int, write: bool, timeout: float | None, owner: object) -> None:
+    watch = worker._fd_watch
+    if watch is None or watch.owner is not owner or watch.fd != fd or watch.write is not write:
+        worker._drop_fd_watch()
+        watch = worker._fd_watch = _FdWatch(worker, fd, write, owner)
+    token = watch.token = worker._wait_token = object()
+    timer = None
+    if timeout is not None:
+
+        def expire() -> None:
+            if worker._wait_token is token:
+                worker._wait_token = None
+                worker.switch(_TIMED_OUT)
+
+        timer = watch.aloop.call_later(max(timeout, 0.0), expire)
+    how = None
+    try:
+        how = worker.parent.switch()
+    finally:
+        worker._wait_token = watch.token = None
+        if timer is not None:
+            timer.cancel()
+        if how is not _RESUMED:  # timed out, killed, or a stray switch
+            worker._drop_fd_watch()
+    if how is _TIMED_OUT:
+        raise TimeoutError(f"timed out after {timeout:g} s")
+    if how is not _RESUMED:
+        raise RuntimeError(f"{worker!r} was resumed by an unexpected switch ({how!r})")
+
+
+def release_fd(owner: object) -> None:
+    """Drop the registration the current worker keeps for ``owner``; call before closing its fd."""
+    worker = getcurrent()
+    if isinstance(worker, Worker):
+        watch = worker._fd_watch
+        if watch is not None and watch.owner is owner:
+            worker._drop_fd_watch()
+
+
+def wait_fd(fd: int, write: bool = False, timeout: float | None = None, owner: object | None = None) -> None:
     """Park the current worker until ``fd`` is readable (or writable).
 
     The descriptor is watched only for the duration of the call, so it is
     never left registered with a loop: a socket may move between loops,
     threads and blocking use. Raises `TimeoutError` after ``timeout``.
+
+    With ``owner`` (the object that owns ``fd``), the registration is kept
+    after the wait for as long as the worker keeps running, so that the
+    next wait of the same worker on the same fd and event costs no
+    (un)registration; it is dropped as soon as the worker parks on anything
+    else, waits on another fd, times out, is killed or ends. The owner must
+    call `release_fd` before it closes ``fd``.
     """
     worker = getcurrent()
     if not isinstance(worker, Worker):
         raise NotInWorkerError("greenpatch.wait_fd() can only be called inside a greenpatch worker")
+    if owner is not None:
+        _wait_fd_kept(worker, fd, write, timeout, owner)
+        return
+    if worker._fd_watch is not None:
+        worker._drop_fd_watch()
     aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
     token = object()
     worker._wait_token = token

@@ -26,6 +26,7 @@ mid-operation also closes it.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import select
@@ -42,30 +43,11 @@ __all__ = ["GreenSocket", "connect_tcp", "connect_unix"]
 
 log = logging.getLogger("greenpatch.socket")
 
-# Bytes asked of recv() at a time when more is needed.
-_CHUNK = 256 * 1024
+# Read buffer of makefile("rb"): one per connection (socket.makefile: 8 KiB).
+_BUFFER_SIZE = 64 * 1024
 
 _Worker = hub.Worker
 _getcurrent = hub.getcurrent
-
-
-class _Reader:
-    """What ``GreenSocket.makefile("rb")`` returns: ``read(n)`` and ``close()``."""
-
-    __slots__ = ("_sock",)
-
-    def __init__(self, sock: GreenSocket) -> None:
-        self._sock = sock
-
-    def read(self, n: int = -1) -> bytes:
-        return self._sock._read_exact(n)
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def closed(self) -> bool:
-        return self._sock._sock is None
 
 
 class GreenSocket:
@@ -77,7 +59,6 @@ class GreenSocket:
         self.family = sock.family
         self.type = _socket.SOCK_STREAM
         self._timeout: float | None = None
-        self._buf = bytearray()
 
     def __repr__(self) -> str:
         state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
@@ -108,10 +89,35 @@ class GreenSocket:
     def getsockname(self) -> Any:
         return self._open().getsockname()
 
-    def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> _Reader:
+    def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        # What socket.makefile("rb") returns: reads served from the buffer
+        # stay in C; only a refill calls recv_into() below.
         if mode not in ("rb", "br"):
             raise ValueError(f"GreenSocket.makefile() supports mode 'rb' only, not {mode!r}")
-        return _Reader(self)
+        return io.BufferedReader(_socket.SocketIO(self, "rb"), _BUFFER_SIZE)  # type: ignore[arg-type]
+
+    def _decref_socketios(self) -> None:  # SocketIO.close() calls it
+        pass
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive into ``buffer``; 0 means end of stream (the socket is then closed)."""
+        sock = self._open()
+        while True:
+            try:
+                n = sock.recv_into(buffer, nbytes)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                self._wait(sock, write=False)
+            except ssl.SSLWantWriteError:
+                self._wait(sock, write=True)
+            except InterruptedError:
+                continue
+            except OSError:
+                self.close()
+                raise
+            else:
+                if not n:
+                    self.close()
+                return n
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._open()
@@ -134,15 +140,13 @@ class GreenSocket:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
-        self._buf.clear()
         if sock is not None:
+            hub.release_fd(self)  # before the fd number can be reused
             sock.close()
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> GreenSocket:
         """Upgrade to TLS in place (handshake cooperative in a worker); return self."""
         raw = self._open()
-        if self._buf:
-            raise ssl.SSLError("cannot start TLS with unread data buffered")
         try:
             tls = context.wrap_socket(
                 raw, server_hostname=server_hostname, do_handshake_on_connect=False
@@ -176,7 +180,7 @@ class GreenSocket:
         """Wait until ``sock`` is ready; on timeout or any failure, close."""
         try:
             if isinstance(_getcurrent(), _Worker):
-                hub.wait_fd(sock.fileno(), write, self._timeout)
+                hub.wait_fd(sock.fileno(), write, self._timeout, owner=self)
             else:
                 fd = sock.fileno()
                 ready = select.select([] if write else [fd], [fd] if write else [], [], self._timeout)
@@ -190,43 +194,6 @@ class GreenSocket:
             # was half sent or half read makes the connection unusable.
             self.close()
             raise
-
-    def _read_exact(self, n: int) -> bytes:
-        """Return ``n`` bytes, or fewer only at end of stream."""
-        buf = self._buf
-        if len(buf) >= n:
-            data = bytes(buf[:n])
-            del buf[:n]
-            return data
-        while len(buf) < n:
-            chunk = self._recv(max(n - len(buf), _CHUNK))
-            if not chunk:
-                break
-            if not buf and len(chunk) == n:
-                return chunk
-            buf += chunk
-        data = bytes(buf[:n])
-        del buf[:n]
-        return data
-
-    def _recv(self, limit: int) -> bytes:
-        sock = self._open()
-        while True:
-            try:
-                data = sock.recv(limit)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                self._wait(sock, write=False)
-            except ssl.SSLWantWriteError:
-                self._wait(sock, write=True)
-            except InterruptedError:
-                continue
-            except OSError:
-                self.close()
-                raise
-            else:
-                if not data:
-                    self.close()
-                return data
 
 
 # -- connecting --------------------------------------------------------------
@@ -272,9 +239,15 @@ def connect_tcp(
     error is raised if none connects.
     """
     try:
-        addresses = hub.wait(_resolver().resolve(host, port), timeout)
-    except TimeoutError:
-        raise TimeoutError(f"timed out resolving {host!r}") from None
+        # An IP literal needs no lookup: getaddrinfo answers at once, without
+        # the resolver's round trip through a thread pool.
+        infos = _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM, 0, _socket.AI_NUMERICHOST)
+        addresses = [(family, address) for family, _, _, _, address in infos]
+    except _socket.gaierror:
+        try:
+            addresses = hub.wait(_resolver().resolve(host, port), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"timed out resolving {host!r}") from None
     error: OSError | None = None
     for family, address in addresses:
         sock = _socket.socket(family, _socket.SOCK_STREAM)

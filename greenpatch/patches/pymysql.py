@@ -93,10 +93,12 @@ def _open_connections() -> int:
     import pymysql.connections
 
     cls = pymysql.connections.Connection
+    # type(), not isinstance(): isinstance() asks obj.__class__, which makes
+    # lazy proxies (Django's LazyObject...) set themselves up.
     return sum(
         1
         for obj in gc.get_objects()
-        if isinstance(obj, cls) and getattr(obj, "_sock", None) is not None
+        if issubclass(type(obj), cls) and getattr(obj, "_sock", None) is not None
     )
 
 
