@@ -13,8 +13,12 @@ exception, or killed because the client went away.
 Responses stream: headers go out with the first non-empty chunk, each chunk
 is written as it is produced and the worker waits for the write to be
 flushed to the socket (flow control). Without a ``Content-Length`` from the
-application (or one the server can compute: a response iterable of length
-one), HTTP/1.1 responses are chunked.
+application (or one the server can compute: a list or tuple of one chunk, or
+a Django ``HttpResponse`` that is not streaming), HTTP/1.1 responses are
+chunked. A client that disconnects while its worker is still in the
+application gets that worker killed (``GreenletExit`` at its current wait);
+the response's ``close()`` and the exit hooks still run, and are never
+interrupted themselves.
 
 ::
 
@@ -45,6 +49,7 @@ import email.utils
 import importlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -165,6 +170,24 @@ def _environ_key(name: str) -> str:
     return key
 
 
+# Response header name -> its lower-case form, for names already validated.
+_HEADER_NAMES: dict[str, str] = {}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade")
+)
+
+
+def _header_name(name: str) -> str:
+    if type(name) is not str or not _TOKEN.fullmatch(name):
+        raise ValueError(f"invalid WSGI response header name {name!r}")
+    lower = name.lower()
+    if len(_HEADER_NAMES) < 4096:
+        _HEADER_NAMES[name] = lower
+    return lower
+
+
 def _printable(text: str) -> str:
     """``text`` safe for a log line (control characters escaped)."""
     if text.isascii() and text.isprintable():
@@ -222,7 +245,6 @@ class WSGIContainer(httputil.HTTPServerConnectionDelegate):
         self.access_log = access_log
         self.log_style = log_style
         self.multiprocess = multiprocess
-        self._logger = django_logger if log_style == "django" else access_logger
         self._active: set[_Request] = set()
         self._draining = False
         self._drained: asyncio.Event | None = None
@@ -270,16 +292,14 @@ class WSGIContainer(httputil.HTTPServerConnectionDelegate):
         start_line = request.start_line
         if start_line is None:
             return
-        line = _printable(f"{start_line.method} {start_line.path} {start_line.version}")
         if self.log_style == "common":
             logger = access_logger
             if logger.isEnabledFor(logging.INFO):
-                when = _log_times()[0]
                 logger.info(
                     '%s - - [%s] "%s" %d %s',
                     request.conn.context.remote_ip,  # type: ignore[attr-defined]
-                    when,
-                    line,
+                    _log_times()[0],
+                    _printable(f"{start_line.method} {start_line.path} {start_line.version}"),
                     status,
                     size or "-",
                 )
@@ -292,6 +312,7 @@ class WSGIContainer(httputil.HTTPServerConnectionDelegate):
             level = logging.INFO
         logger = django_logger
         if logger.isEnabledFor(level):
+            line = _printable(f"{start_line.method} {start_line.path} {start_line.version}")
             stream = request.conn.stream  # type: ignore[attr-defined]
             extra = {
                 "request": stream.socket if stream is not None else None,
@@ -387,7 +408,10 @@ class _Request(httputil.HTTPMessageDelegate):
         # The worker starts at once and runs until its first wait (a simple
         # request is answered before this returns).
         worker = self.worker = _start_worker(self._serve)
-        worker.future.add_done_callback(self._worker_ended)
+        if worker.dead:  # done already, exit hooks included
+            self._worker_ended(worker.future)
+        else:
+            worker.future.add_done_callback(self._worker_ended)
 
     def on_connection_close(self) -> None:
         # The connection closed before the whole request was received: no
@@ -577,13 +601,10 @@ class _Request(httputil.HTTPMessageDelegate):
         result: Any = None
         self.killable = True
         try:
-            environ = self._environ()
             try:
-                result = container.app(environ, self.start_response)
+                result = container.app(self._environ(), self.start_response)
                 self._send(result)
-            except _ClientGone:
-                self._client_gone()
-            except _StreamClosedError:
+            except (_ClientGone, _StreamClosedError):
                 self._client_gone()
             except Exception:
                 self._fail()
@@ -621,15 +642,15 @@ class _Request(httputil.HTTPMessageDelegate):
             if len(result) == 1:  # type: ignore[arg-type]
                 # PEP 3333: the length of a one-item iterable is known.
                 self._send_headers(result[0] or b"", True)  # type: ignore[index]
-                self.finished = True
                 self.conn.finish()
+                self.finished = True
                 return
         elif getattr(result, "streaming", None) is False:
             # A Django HttpResponse that is not streaming: its content is in
             # memory already; send it with its length, in one write.
             self._send_headers(b"".join(result), True)
-            self.finished = True
             self.conn.finish()
+            self.finished = True
             return
         write = self.write
         for chunk in result:
@@ -640,8 +661,8 @@ class _Request(httputil.HTTPMessageDelegate):
                     self._send_headers(chunk, False)
         if not self.headers_sent:
             self._send_headers(b"", True)
-        self.finished = True
         self.conn.finish()
+        self.finished = True
 
     def write(self, data: bytes) -> None:
         """Write one chunk of the body (also PEP 3333's legacy ``write()``)."""
@@ -678,27 +699,38 @@ class _Request(httputil.HTTPMessageDelegate):
         except ValueError:
             raise ValueError(f"invalid WSGI status {status!r}") from None
         reason = status[4:].strip()
+        # HTTPHeaders.add() validates each header with two regular
+        # expressions; checking names once (cached) and values with one
+        # search is several times cheaper. Tornado refuses CR/LF again.
         headers = _HTTPHeaders()
-        add = headers.add
+        seen: set[str] = set()
         for name, value in self.response_headers or ():
-            add(name, value)
-        conn = self.conn
-        # Hop-by-hop headers belong to the server (PEP 3333).
-        if "Connection" in headers:
-            if headers["Connection"].lower() == "close":
-                self._close_after_response()
-            del headers["Connection"]
-        if "Transfer-Encoding" in headers:
-            del headers["Transfer-Encoding"]
-        if "Date" not in headers:
+            lower = _HEADER_NAMES.get(name) or _header_name(name)
+            if type(value) is not str:
+                raise TypeError(f"WSGI header {name!r} has a {type(value).__name__} value, not str")
+            if _BAD_VALUE_CHARS.search(value):
+                raise ValueError(f"invalid characters in WSGI header {name!r}: {value!r}")
+            if lower in _HOP_BY_HOP:
+                # Hop-by-hop headers belong to the server (PEP 3333); an
+                # application's "Connection: close" is honoured.
+                if lower == "connection" and "close" in value.lower():
+                    self._close_after_response()
+                continue
+            if lower in seen:
+                headers.add(name, value)
+            else:
+                seen.add(lower)
+                headers[name] = value
+        if "date" not in seen:
             headers["Date"] = _http_date()
+        conn = self.conn
         start_line: Any = self.start_line
         method = start_line.method
         if code in (204, 304) or code < 200:
             self.discard_body = True
             chunk = b""
         else:
-            if "Content-Length" not in headers:
+            if "content-length" not in seen:
                 if complete:
                     if method != "HEAD" or chunk:
                         headers["Content-Length"] = str(len(chunk))
@@ -1312,8 +1344,8 @@ def _supervise(
 ) -> int:
     """Fork ``processes`` children running ``child_main(slot, ready_fd)``; supervise them.
 
-    Like ``tornado.process.fork_processes`` (children that die abnormally
-    are restarted, up to a limit), plus what it cannot do: SIGTERM/SIGINT
+    Like ``tornado.process.fork_processes`` (a child that ends is replaced,
+    up to a limit), plus what it cannot do: SIGTERM/SIGINT
     to the parent are forwarded to the children (as SIGTERM), and the
     parent learns when every child listens (a byte on a pipe) to call
     ``on_ready``. A child that fails before it listens (say, the
@@ -1393,7 +1425,7 @@ def _supervise(
             if slot is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            if stopping or code == 0:
+            if stopping:
                 if code not in (0, -signal.SIGTERM, -signal.SIGINT):
                     log.warning("process %d (pid %d) exited with %d", slot, pid, code)
                 continue
@@ -1408,7 +1440,8 @@ def _supervise(
                 exit_code = 1
                 forward(signal.SIGTERM, None)
                 continue
-            log.warning("process %d (pid %d) died (exit %d): restarting it", slot, pid, code)
+            # Died, or stopped by a signal sent to it alone: replace it.
+            log.warning("process %d (pid %d) ended (exit %d): starting another", slot, pid, code)
             spawn(slot, None, read_fd)
     finally:
         os.close(read_fd)

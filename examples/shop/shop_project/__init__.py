@@ -1,0 +1,1 @@
+"""The greenpatch shop demo project (see examples/README.md)."""
