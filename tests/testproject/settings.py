@@ -19,3 +19,7 @@ DATABASES = {
         "OPTIONS": {"pool": {"max_size": 3, "timeout": 5}},
     }
 }
+ROOT_URLCONF = "urls"
+ALLOWED_HOSTS = ["*"]
+DEBUG = False
+MIDDLEWARE: list[str] = []
