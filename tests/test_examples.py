@@ -9,7 +9,6 @@ the test process itself (other modules configure Django in-process).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -31,11 +30,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SHOP = EXAMPLES / "shop"
 MANAGE = str(SHOP / "manage.py")
 TORNADO_APP = str(EXAMPLES / "tornado_app.py")
-
-#: Once greenpatch.server exists, ``runserver`` under greenpatch serves
-#: through Tornado (one worker greenlet per request); until then the
-#: runserver patch is switched off and Django's threaded server is used.
-RUNSERVER_ON_TORNADO = importlib.util.find_spec("greenpatch.server") is not None
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
 
@@ -188,8 +182,6 @@ def tornado_app(shop, tmp_path_factory):
 def runserver(shop, tmp_path_factory):
     port = free_port()
     env = dict(shop["env"])
-    if not RUNSERVER_ON_TORNADO:
-        env["GREENPATCH_DISABLE"] = "runserver"
     server = Server(
         [sys.executable, "-m", "greenpatch", MANAGE, "runserver", "--noreload", f"127.0.0.1:{port}"],
         env,
@@ -348,18 +340,19 @@ def test_runserver_views(runserver, shop):
     assert http("GET", f"{base}/slow/?seconds=-1")[0] == 400
     status, _ = http("GET", f"{base}/admin/login/")
     assert status == 200, runserver.log()  # the admin is wired up (its tables exist)
+    # Static files from django.contrib.staticfiles (DEBUG on), served by runserver's handler.
+    with urllib.request.urlopen(f"{base}/static/admin/css/base.css", timeout=10) as resp:
+        assert resp.status == 200 and b"{" in resp.read()
 
 
 def test_runserver_slow_requests_overlap(runserver):
     threads = check_slow_requests_overlap(runserver, "/slow/", "/plain/")
-    kind = "green" if RUNSERVER_ON_TORNADO else "blocking"
-    if RUNSERVER_ON_TORNADO:
-        assert len(threads) == 1, "runserver on Tornado: every request in the one IOLoop thread"
-    # Threaded server: Django returns the connection when the response is
-    # closed, just after the client has read it; allow a moment.
+    assert len(threads) == 1, "runserver on Tornado: every request in the one IOLoop thread"
+    # The server answers before the worker's close() returns the connection
+    # (request_finished): allow a moment.
     deadline = time.monotonic() + 5
     while True:
-        pools = [p for p in pool_stats(runserver.base, "/stats/") if p["name"] == f"default/{kind}"]
+        pools = [p for p in pool_stats(runserver.base, "/stats/") if p["name"] == "default/green"]
         if (pools and pools[0]["in_use"] == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -291,3 +291,28 @@ def test_socket_module_untouched(db):
     greenpatch.patch_all()
     socket_type_in_worker(db)
     assert {name: getattr(socket, name) for name in before} == before
+
+
+def test_mysqldb_patch_warns_and_keeps_an_already_imported_c_driver(monkeypatch, caplog):
+    import types
+
+    fake_c_driver = types.ModuleType("MySQLdb")
+    monkeypatch.setitem(sys.modules, "MySQLdb", fake_c_driver)
+    with caplog.at_level(logging.WARNING, logger="greenpatch"):
+        patches.patch("mysqldb")
+    assert sys.modules["MySQLdb"] is fake_c_driver
+    assert "mysqlclient, the C driver" in caplog.text and "block the IOLoop" in caplog.text
+    assert "mysqldb" not in greenpatch.patched()
+    patches.unpatch("mysqldb")
+    assert sys.modules["MySQLdb"] is fake_c_driver
+
+
+def test_mysqldb_patch_aliases_submodules_to_pymysql():
+    patches.patch("mysqldb")
+    import MySQLdb.converters
+    import MySQLdb.err
+
+    assert MySQLdb is pymysql
+    assert MySQLdb.err is pymysql.err and MySQLdb.converters is pymysql.converters
+    patches.unpatch("mysqldb")
+    assert "MySQLdb" not in sys.modules and "MySQLdb.err" not in sys.modules
