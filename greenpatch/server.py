@@ -53,6 +53,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -1484,8 +1485,13 @@ def run_django(
     concurrently, each in its own worker greenlet.
 
     Runs its own IOLoop in the calling thread (Django runs it in the
-    ``django-main-thread`` thread under the autoreloader) and installs no
-    signal handler.
+    ``django-main-thread`` thread under the autoreloader). In the main
+    thread (``--noreload``) it handles SIGINT itself while it serves: a
+    KeyboardInterrupt raised at an arbitrary point - inside a worker, or
+    in Tornado code that logs and swallows exceptions - could be lost and
+    leave the server running, so the signal stops the loop instead and
+    KeyboardInterrupt is raised once the loop has stopped. A second
+    Ctrl-C raises at once.
     """
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     sockets = netutil.bind_sockets(port, addr or None, family=family, backlog=_BACKLOG)
@@ -1515,9 +1521,30 @@ def run_django(
         task = state["task"] = asyncio.ensure_future(main())
         return task
 
+    interrupted: list[int] = []
+    previous_handler: Any = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+
+    def stop_serving() -> None:
+        stop = state.get("stop")
+        if stop is not None:
+            stop.set()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        io_loop.asyncio_loop.call_soon_threadsafe(stop_serving)  # type: ignore[attr-defined]
+
+    if in_main_thread:
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         io_loop.run_sync(start)
+        if interrupted:
+            raise KeyboardInterrupt
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
         try:
             if "server" in state:
                 io_loop.run_sync(cleanup)

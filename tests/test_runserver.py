@@ -203,3 +203,17 @@ def test_serve_with_two_processes_each_with_its_own_pool(start):
     a, b = seen.values()
     assert not a & b, "a server connection was used by two processes"
     assert server.stop(signal.SIGTERM) == 0, server.output()
+
+
+def test_runserver_ctrl_c_during_requests_exits_cleanly(start):
+    server = start("-m", "greenpatch", "manage.py", "runserver", "--noreload", "127.0.0.1:{port}")
+    server.wait_ready()
+    with ThreadPoolExecutor(4) as ex:
+        pending = [ex.submit(get, server.port, "/sleep/?s=3") for _ in range(4)]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert server.stop(signal.SIGINT) == 0, server.output()
+        assert time.monotonic() - t0 < 5
+        for fut in pending:  # the interrupted requests fail; nothing hangs
+            with pytest.raises(OSError):
+                fut.result(timeout=10)
