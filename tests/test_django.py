@@ -453,12 +453,12 @@ def test_async_to_sync_inside_a_worker_runs_on_the_loop():
         return 2 * x, asyncio.get_running_loop()
 
     def fn():
-        return async_to_sync(double)(21), asyncio.get_event_loop_policy().get_event_loop()
+        return async_to_sync(double)(21)
 
     async def main():
         return await greenpatch.spawn(fn), asyncio.get_running_loop()
 
-    ((value, coro_loop), _), loop = run_loop(main)
+    (value, coro_loop), loop = run_loop(main)
     assert value == 42
     assert coro_loop is loop  # ran on the worker's own loop, not a new one
     # Outside workers asgiref behaves as stock (a plain thread with no loop).
