@@ -62,11 +62,13 @@ def test_server_killed_during_query(patched, server, db):
     def bystander():
         # Uses the shared server: keeps querying through the whole episode.
         conn = pymysql.connect(**db)
-        done = 0
+        done = after = 0
         try:
-            while "failed" not in state or done < 5:
+            # Go on until a few queries were served after the failure too.
+            while "failed" not in state or done < 5 or after < 3:
                 assert _scalar(conn, "SELECT %s + 1", (done,)) == done + 1
                 done += 1
+                after += "failed" in state
                 greenpatch.sleep(0.02)
         finally:
             conn.close()
