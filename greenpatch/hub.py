@@ -197,13 +197,18 @@ class Worker(greenlet.greenlet):
         if watch is not None:
             watch.remove()
 
-    def _park(self, future: asyncio.Future, timeout: float | None) -> Any:
-        if self._fd_watch is not None:
-            self._drop_fd_watch()
-        token = object()
-        self._wait_token = token
+    def _suspend(
+        self, arm: Callable[[Callable[..., None]], Callable[[], None]], timeout: float | None
+    ) -> None:
+        """Switch to the hub until resumed, or until ``timeout`` seconds.
 
-        def resume(_: Any = None) -> None:
+        ``arm(resume)`` registers the resume path and returns what undoes
+        it. Exactly one of {resume, timeout, kill} wins: the token makes a
+        late resume or timer a no-op, and both are removed on the way out.
+        """
+        token = self._wait_token = object()
+
+        def resume(*_: Any) -> None:
             if self._wait_token is token:
                 self._wait_token = None
                 self.switch(_RESUMED)
@@ -213,7 +218,7 @@ class Worker(greenlet.greenlet):
                 self._wait_token = None
                 self.switch(_TIMED_OUT)
 
-        future.add_done_callback(resume)
+        disarm = arm(resume)
         timer = None
         if timeout is not None:
             timer = self.loop.asyncio_loop.call_later(max(timeout, 0.0), expire)  # type: ignore[attr-defined]
@@ -223,41 +228,60 @@ class Worker(greenlet.greenlet):
             self._wait_token = None
             if timer is not None:
                 timer.cancel()
-            if not future.done():
-                future.remove_done_callback(resume)
-        if how is _RESUMED:
-            return future.result()
+            disarm()
         if how is _TIMED_OUT:
-            future.add_done_callback(_silence)
             raise TimeoutError(f"timed out after {timeout:g} s")
-        # Someone switched into a parked worker by hand: a bug in the caller.
-        raise RuntimeError(f"{self!r} was resumed by an unexpected switch ({how!r})")
+        if how is not _RESUMED:
+            # Someone switched into a parked worker by hand: a bug in the caller.
+            raise RuntimeError(f"{self!r} was resumed by an unexpected switch ({how!r})")
+
+    def _park(self, future: asyncio.Future, timeout: float | None) -> Any:
+        self._drop_fd_watch()
+
+        def arm(resume: Callable[..., None]) -> Callable[[], None]:
+            future.add_done_callback(resume)
+            return lambda: future.done() or future.remove_done_callback(resume)
+
+        try:
+            self._suspend(arm, timeout)
+        except TimeoutError:
+            future.add_done_callback(_silence)
+            raise
+        return future.result()
 
 
 class _FdWatch:
-    """A worker's registration of one fd for one event (see `wait_fd` ``owner``)."""
+    """A worker's registration of one fd for one event (see `wait_fd`)."""
 
-    __slots__ = ("worker", "aloop", "fd", "write", "owner", "token")
+    __slots__ = ("worker", "aloop", "fd", "write", "owner", "resume")
 
-    def __init__(self, worker: Worker, fd: int, write: bool, owner: object) -> None:
+    def __init__(self, worker: Worker, fd: int, write: bool, owner: object | None) -> None:
         self.worker = worker
         self.aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
         self.fd = fd
         self.write = write
         self.owner = owner
-        self.token: object | None = None
+        self.resume: Callable[..., None] | None = None
         if write:
             self.aloop.add_writer(fd, self.ready)
         else:
             self.aloop.add_reader(fd, self.ready)
 
+    def matches(self, fd: int, write: bool, owner: object | None) -> bool:
+        return self.fd == fd and self.write is write and self.owner is owner
+
+    def arm(self, resume: Callable[..., None]) -> Callable[[], None]:
+        self.resume = resume
+        return self.disarm
+
+    def disarm(self) -> None:
+        self.resume = None
+
     def ready(self) -> None:
-        worker = self.worker
-        if self.token is not None and worker._wait_token is self.token:
-            worker._wait_token = None
-            worker.switch(_RESUMED)
-        elif worker._fd_watch is self:  # nobody waits (level-triggered): stop watching
-            worker._drop_fd_watch()
+        if self.resume is not None:
+            self.resume()
+        elif self.worker._fd_watch is self:  # nobody waits (level-triggered): stop watching
+            self.worker._drop_fd_watch()
 
     def remove(self) -> None:
         if self.aloop.is_closed():
@@ -266,36 +290,6 @@ class _FdWatch:
             self.aloop.remove_writer(self.fd)
         else:
             self.aloop.remove_reader(self.fd)
-
-
-def _wait_fd_kept(worker: Worker, fd: int, write: bool, timeout: float | None, owner: object) -> None:
-    watch = worker._fd_watch
-    if watch is None or watch.owner is not owner or watch.fd != fd or watch.write is not write:
-        worker._drop_fd_watch()
-        watch = worker._fd_watch = _FdWatch(worker, fd, write, owner)
-    token = watch.token = worker._wait_token = object()
-    timer = None
-    if timeout is not None:
-
-        def expire() -> None:
-            if worker._wait_token is token:
-                worker._wait_token = None
-                worker.switch(_TIMED_OUT)
-
-        timer = watch.aloop.call_later(max(timeout, 0.0), expire)
-    how = None
-    try:
-        how = worker.parent.switch()
-    finally:
-        worker._wait_token = watch.token = None
-        if timer is not None:
-            timer.cancel()
-        if how is not _RESUMED:  # timed out, killed, or a stray switch
-            worker._drop_fd_watch()
-    if how is _TIMED_OUT:
-        raise TimeoutError(f"timed out after {timeout:g} s")
-    if how is not _RESUMED:
-        raise RuntimeError(f"{worker!r} was resumed by an unexpected switch ({how!r})")
 
 
 def release_fd(owner: object) -> None:
@@ -310,9 +304,10 @@ def release_fd(owner: object) -> None:
 def wait_fd(fd: int, write: bool = False, timeout: float | None = None, owner: object | None = None) -> None:
     """Park the current worker until ``fd`` is readable (or writable).
 
-    The descriptor is watched only for the duration of the call, so it is
-    never left registered with a loop: a socket may move between loops,
-    threads and blocking use. Raises `TimeoutError` after ``timeout``.
+    Without ``owner`` the descriptor is watched only for the duration of
+    the call, so it is never left registered with a loop: a socket may move
+    between loops, threads and blocking use. Raises `TimeoutError` after
+    ``timeout``.
 
     With ``owner`` (the object that owns ``fd``), the registration is kept
     after the wait for as long as the worker keeps running, so that the
@@ -324,44 +319,17 @@ def wait_fd(fd: int, write: bool = False, timeout: float | None = None, owner: o
     worker = getcurrent()
     if not isinstance(worker, Worker):
         raise NotInWorkerError("greenpatch.wait_fd() can only be called inside a greenpatch worker")
-    if owner is not None:
-        _wait_fd_kept(worker, fd, write, timeout, owner)
-        return
-    if worker._fd_watch is not None:
+    watch = worker._fd_watch
+    if watch is None or not watch.matches(fd, write, owner):
         worker._drop_fd_watch()
-    aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
-    token = object()
-    worker._wait_token = token
-
-    def resume() -> None:
-        if worker._wait_token is token:
-            worker._wait_token = None
-            worker.switch(_RESUMED)
-
-    def expire() -> None:
-        if worker._wait_token is token:
-            worker._wait_token = None
-            worker.switch(_TIMED_OUT)
-
-    if write:
-        aloop.add_writer(fd, resume)
-    else:
-        aloop.add_reader(fd, resume)
-    timer = aloop.call_later(max(timeout, 0.0), expire) if timeout is not None else None
+        watch = worker._fd_watch = _FdWatch(worker, fd, write, owner)
     try:
-        how = worker.parent.switch()
-    finally:
-        worker._wait_token = None
-        if write:
-            aloop.remove_writer(fd)
-        else:
-            aloop.remove_reader(fd)
-        if timer is not None:
-            timer.cancel()
-    if how is _TIMED_OUT:
-        raise TimeoutError(f"timed out after {timeout:g} s")
-    if how is not _RESUMED:
-        raise RuntimeError(f"{worker!r} was resumed by an unexpected switch ({how!r})")
+        worker._suspend(watch.arm, timeout)
+    except BaseException:  # timed out, killed, or a stray switch
+        worker._drop_fd_watch()
+        raise
+    if owner is None:
+        worker._drop_fd_watch()
 
 
 def current_worker() -> Worker | None:
