@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         "django": ["Django>=4.2"],
-        "test": ["Django>=4.2", "pytest>=8", "cryptography", "ruff"],
+        "prometheus": ["prometheus_client"],
+        "test": ["Django>=4.2", "pytest>=8", "cryptography", "ruff", "prometheus_client"],
     },
     entry_points={"console_scripts": ["greenpatch=greenpatch.__main__:main"]},
     classifiers=[

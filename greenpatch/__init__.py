@@ -15,6 +15,7 @@ running; outside one, everything behaves as stock.
 
 from __future__ import annotations
 
+from greenpatch import monitor  # blocking detector and stats logger (greenpatch.monitor)
 from greenpatch.config import ConfigError
 from greenpatch.hub import (
     NotInWorkerError,
@@ -45,6 +46,7 @@ __all__ = [
     "current_worker",
     "green",
     "is_worker",
+    "monitor",
     "patch_all",
     "patched",
     "sleep",

@@ -3,14 +3,27 @@
 ``GREENPATCH``          ``1`` (default) or ``0``: ``0`` turns `patch_all` into
                         a logged no-op. Accepted: 1/0, true/false, yes/no, on/off.
 ``GREENPATCH_DISABLE``  comma-separated patch names that `patch_all` skips.
+``GREENPATCH_BLOCKING_THRESHOLD``  seconds an IOLoop may be blocked before
+                        `greenpatch.monitor` warns (default 0.1; 0 disables).
+``GREENPATCH_STATS_INTERVAL``  seconds between pool statistics log lines of
+                        `serve()` / ``runserver`` (default: unset, no lines).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 
-__all__ = ["ConfigError", "disabled_patches", "enabled", "parse_bool"]
+__all__ = [
+    "ConfigError",
+    "blocking_threshold",
+    "disabled_patches",
+    "enabled",
+    "parse_bool",
+    "parse_seconds",
+    "stats_interval",
+]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -52,3 +65,41 @@ def disabled_patches(known: Iterable[str], environ: Mapping[str, str] | None = N
             f"accepted names: {', '.join(known)}"
         )
     return names
+
+
+# -- greenpatch.monitor settings ------------------------------------------------
+
+#: Default of ``GREENPATCH_BLOCKING_THRESHOLD``, in seconds.
+DEFAULT_BLOCKING_THRESHOLD = 0.1
+
+
+def parse_seconds(name: str, value: str, zero_means: str) -> float:
+    """Parse a number of seconds >= 0; the error names ``name`` and what it accepts."""
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ConfigError(
+            f"{name}={value!r} is not accepted; accepted values: a number of seconds >= 0 "
+            f"such as 0.5 (0 {zero_means})"
+        )
+    return seconds
+
+
+def blocking_threshold(environ: Mapping[str, str] | None = None) -> float:
+    """``GREENPATCH_BLOCKING_THRESHOLD`` in seconds (default 0.1); 0 means disabled."""
+    env = os.environ if environ is None else environ
+    raw = env.get("GREENPATCH_BLOCKING_THRESHOLD", "")
+    if not raw.strip():
+        return DEFAULT_BLOCKING_THRESHOLD
+    return parse_seconds("GREENPATCH_BLOCKING_THRESHOLD", raw, "disables the blocking detector")
+
+
+def stats_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """``GREENPATCH_STATS_INTERVAL`` in seconds, or None when unset or 0 (no stats lines)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("GREENPATCH_STATS_INTERVAL", "")
+    if not raw.strip():
+        return None
+    return parse_seconds("GREENPATCH_STATS_INTERVAL", raw, "logs no statistics") or None

@@ -67,6 +67,8 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
 from greenpatch import hub
+from greenpatch import monitor as _monitor  # greenpatch.monitor: blocking detector, stats lines
+from greenpatch.config import ConfigError
 
 __all__ = [
     "AppLoadError",
@@ -1088,6 +1090,7 @@ def _run_process(
     io_loop = IOLoop(make_current=False)
     aloop: asyncio.AbstractEventLoop = io_loop.asyncio_loop  # type: ignore[attr-defined]
     code = 1
+    observers = _monitor.start_from_env(io_loop)  # greenpatch.monitor (checked by serve())
 
     async def main() -> int:
         try:
@@ -1135,6 +1138,7 @@ def _run_process(
     try:
         code = io_loop.run_sync(main)
     finally:
+        observers.stop()  # greenpatch.monitor
         io_loop.close(all_fds=True)
     return code
 
@@ -1174,6 +1178,11 @@ def serve(
     cannot be loaded or the address cannot be bound (logged on the
     ``greenpatch.server`` logger). Must not be called on a running event
     loop.
+
+    Each process runs `greenpatch.monitor`'s blocking detector
+    (``GREENPATCH_BLOCKING_THRESHOLD``, default 0.1 s, 0: off) and, when
+    ``GREENPATCH_STATS_INTERVAL`` is set, logs pool statistics that
+    often; an invalid value of either is logged and returns 2.
     """
     try:
         asyncio.get_running_loop()
@@ -1181,6 +1190,13 @@ def serve(
         pass
     else:
         raise RuntimeError("serve() blocks and runs its own event loop; do not call it from a running one")
+    # -- greenpatch.monitor: check its settings before binding or forking --
+    try:
+        _monitor.settings_from_env()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    # -- end greenpatch.monitor --
     if not isinstance(processes, int) or processes < 0:
         raise ValueError(
             f"processes={processes!r} is not accepted; use 0 (one per CPU) or a positive integer"
@@ -1492,11 +1508,17 @@ def run_django(
     leave the server running, so the signal stops the loop instead and
     KeyboardInterrupt is raised once the loop has stopped. A second
     Ctrl-C raises at once.
+
+    Like `serve`, runs the blocking detector and the stats logger of
+    `greenpatch.monitor` on its loop; an invalid setting raises
+    `greenpatch.ConfigError` before binding.
     """
+    _monitor.settings_from_env()  # greenpatch.monitor: ConfigError before binding
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     sockets = netutil.bind_sockets(port, addr or None, family=family, backlog=_BACKLOG)
     bound = sockets[0].getsockname()[1]
     io_loop = IOLoop(make_current=False)
+    observers = _monitor.start_from_env(io_loop)  # greenpatch.monitor
     state: dict[str, Any] = {}
 
     async def main() -> None:
@@ -1554,4 +1576,5 @@ def run_django(
         except BaseException:
             log.debug("runserver cleanup failed", exc_info=True)
         finally:
+            observers.stop()  # greenpatch.monitor
             io_loop.close(all_fds=True)

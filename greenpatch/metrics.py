@@ -1,0 +1,200 @@
+"""Prometheus metrics for greenpatch's pools and blocking detector.
+
+Needs ``prometheus_client`` (``pip install 'greenpatch[prometheus]'``)::
+
+    import greenpatch.metrics
+    greenpatch.metrics.register()          # prometheus_client.REGISTRY
+
+then expose the registry as usual (``prometheus_client.start_http_server``,
+``make_wsgi_app``, or ``generate_latest()`` in a view). The collector reads
+`greenpatch.stats` and `greenpatch.monitor.stats` at each scrape; nothing
+is updated on the hot path.
+
+Metrics (label ``pool``: the pool's name, e.g. ``default/green``; pools
+sharing a name are added up):
+
+=========================================== ======= ==============================
+``greenpatch_pool_size``                     gauge   open connections
+``greenpatch_pool_max_size``                 gauge   cap on open connections
+``greenpatch_pool_idle``                     gauge   idle connections
+``greenpatch_pool_in_use``                   gauge   checked-out connections
+``greenpatch_pool_connecting``               gauge   connects in progress
+``greenpatch_pool_waiting``                  gauge   callers waiting for a connection
+``greenpatch_pool_connects_total``           counter connections opened
+``greenpatch_pool_connect_errors_total``     counter failed connects
+``greenpatch_pool_checkouts_total``          counter checkouts
+``greenpatch_pool_checkins_total``           counter checkins
+``greenpatch_pool_timeouts_total``           counter checkouts that timed out or were refused
+``greenpatch_pool_discards_total``           counter connections discarded (label ``reason``)
+``greenpatch_pool_wait_seconds``             summary time queued by checkouts that waited
+``greenpatch_pool_wait_max_seconds``         gauge   longest such wait
+``greenpatch_loop_blocked_total``            counter IOLoop blocking episodes
+``greenpatch_loop_blocked_seconds_total``    counter their total duration
+``greenpatch_loop_block_max_seconds``        gauge   the longest
+``greenpatch_loop_blocking_threshold_seconds`` gauge threshold of the running detector
+=========================================== ======= ==============================
+
+Values are per process: with ``serve --processes N`` each process has its
+own pools, so scrape each process (or use one process per port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+try:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+    from prometheus_client.registry import REGISTRY, CollectorRegistry
+except ImportError as exc:  # pragma: no cover - exercised in a test with the module hidden
+    raise ImportError(
+        "greenpatch.metrics needs the prometheus_client package; install it with "
+        "pip install 'greenpatch[prometheus]' (or pip install prometheus_client)"
+    ) from exc
+
+try:
+    from prometheus_client.registry import Collector as _CollectorBase
+except ImportError:  # pragma: no cover - prometheus_client < 0.14
+    _CollectorBase = object  # type: ignore[assignment,misc]
+
+import greenpatch
+from greenpatch import monitor
+
+__all__ = ["GreenpatchCollector", "register", "unregister"]
+
+_GAUGES = (
+    ("size", "Open connections of the pool"),
+    ("max_size", "Cap on the pool's open connections"),
+    ("idle", "Idle connections of the pool"),
+    ("in_use", "Connections checked out of the pool"),
+    ("connecting", "Connects in progress for the pool"),
+    ("waiting", "Callers waiting for a connection of the pool"),
+)
+_COUNTERS = (
+    ("connects", "Connections the pool opened"),
+    ("connect_errors", "Connects of the pool that failed"),
+    ("checkouts", "Connections checked out of the pool"),
+    ("checkins", "Connections checked back into the pool"),
+    ("timeouts", "Checkouts that timed out or were refused (max_waiting)"),
+)
+
+
+def _by_name(pools: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pool statistics keyed by name; pools sharing a name are added up."""
+    merged: dict[str, dict[str, Any]] = {}
+    for s in pools:
+        m = merged.get(s["name"])
+        wait = s.get("wait", {})
+        count = wait.get("count", 0)
+        if m is None:
+            m = merged[s["name"]] = {key: s[key] for key, _ in _GAUGES + _COUNTERS}
+            m["discards"] = dict(s.get("discards", {}))
+            m["wait_count"] = count
+            m["wait_sum"] = wait.get("mean", 0.0) * count
+            m["wait_max"] = wait.get("max", 0.0)
+            continue
+        for key, _ in _GAUGES + _COUNTERS:
+            m[key] += s[key]
+        for reason, n in s.get("discards", {}).items():
+            m["discards"][reason] = m["discards"].get(reason, 0) + n
+        m["wait_count"] += count
+        m["wait_sum"] += wait.get("mean", 0.0) * count
+        m["wait_max"] = max(m["wait_max"], wait.get("max", 0.0))
+    return merged
+
+
+class GreenpatchCollector(_CollectorBase):
+    """A ``prometheus_client`` collector of greenpatch's statistics (see the module doc)."""
+
+    def describe(self) -> Iterator[Any]:
+        """The metric families, without samples (so registering has no side effects)."""
+        return self._families({}, None)
+
+    def collect(self) -> Iterator[Any]:
+        """Read the statistics now and yield the metric families."""
+        return self._families(_by_name(greenpatch.stats()), monitor.stats())
+
+    def _families(self, pools: dict[str, dict[str, Any]], loop: dict[str, Any] | None) -> Iterator[Any]:
+        for key, doc in _GAUGES:
+            family = GaugeMetricFamily(f"greenpatch_pool_{key}", doc, labels=["pool"])
+            for name, s in pools.items():
+                family.add_metric([name], s[key])
+            yield family
+        for key, doc in _COUNTERS:
+            family = CounterMetricFamily(f"greenpatch_pool_{key}", doc, labels=["pool"])
+            for name, s in pools.items():
+                family.add_metric([name], s[key])
+            yield family
+        discards = CounterMetricFamily(
+            "greenpatch_pool_discards",
+            "Connections the pool discarded, by reason (closed, lifetime, idle, check_failed, ...)",
+            labels=["pool", "reason"],
+        )
+        waits = SummaryMetricFamily(
+            "greenpatch_pool_wait_seconds",
+            "Seconds queued by checkouts that had to wait and were served",
+            labels=["pool"],
+        )
+        wait_max = GaugeMetricFamily(
+            "greenpatch_pool_wait_max_seconds",
+            "Longest time a checkout of the pool waited",
+            labels=["pool"],
+        )
+        for name, s in pools.items():
+            for reason, n in sorted(s["discards"].items()):
+                discards.add_metric([name, reason], n)
+            waits.add_metric([name], s["wait_count"], s["wait_sum"])
+            wait_max.add_metric([name], s["wait_max"])
+        yield discards
+        yield waits
+        yield wait_max
+
+        blocked = CounterMetricFamily(
+            "greenpatch_loop_blocked", "IOLoop blocking episodes longer than the threshold"
+        )
+        blocked_seconds = CounterMetricFamily(
+            "greenpatch_loop_blocked_seconds", "Total seconds IOLoops were blocked (episodes that ended)"
+        )
+        block_max = GaugeMetricFamily("greenpatch_loop_block_max_seconds", "Longest IOLoop blocking episode")
+        threshold = GaugeMetricFamily(
+            "greenpatch_loop_blocking_threshold_seconds", "Threshold of the running blocking detector"
+        )
+        if loop is not None:
+            blocked.add_metric([], loop["blocked"])
+            blocked_seconds.add_metric([], loop["blocked_seconds"])
+            block_max.add_metric([], loop["max_block_seconds"])
+            if loop["threshold"] is not None:
+                threshold.add_metric([], loop["threshold"])
+        yield blocked
+        yield blocked_seconds
+        yield block_max
+        yield threshold
+
+
+_registered: dict[int, tuple[CollectorRegistry, GreenpatchCollector]] = {}
+
+
+def register(registry: CollectorRegistry | None = None) -> GreenpatchCollector:
+    """Register the collector with ``registry`` (default: ``prometheus_client.REGISTRY``).
+
+    Idempotent: registering again with the same registry returns the
+    collector already registered there.
+    """
+    if registry is None:
+        registry = REGISTRY
+    entry = _registered.get(id(registry))
+    if entry is not None and entry[0] is registry:
+        return entry[1]
+    collector = GreenpatchCollector()
+    registry.register(collector)
+    _registered[id(registry)] = (registry, collector)
+    return collector
+
+
+def unregister(registry: CollectorRegistry | None = None) -> None:
+    """Undo `register` for ``registry`` (default: ``prometheus_client.REGISTRY``)."""
+    if registry is None:
+        registry = REGISTRY
+    entry = _registered.pop(id(registry), None)
+    if entry is not None and entry[0] is registry:
+        registry.unregister(entry[1])
