@@ -865,18 +865,9 @@ class GreenWSGIServer(HTTPServer):
 
     container: WSGIContainer
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        access_log: bool = True,
-        log_style: str = "common",
-        idle_connection_timeout: float = 60.0,
-        multiprocess: bool = False,
-        **http_server_kwargs: Any,
-    ) -> None:
-        # Tornado's HTTPServer is Configurable: the work is done in initialize().
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Tornado's HTTPServer is Configurable: the arguments go to
+        # initialize() (documented in the class docstring).
         pass
 
     def initialize(  # type: ignore[override]
