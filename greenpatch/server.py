@@ -842,6 +842,31 @@ async def _linger(stream: iostream.IOStream, data: bytes) -> None:
         stream.close()
 
 
+# A request head (request line and headers) longer than Tornado's
+# max_header_size, or a chunk-size line longer than 64 bytes, makes the
+# IOStream close the connection itself, before HTTP1Connection could answer.
+_UNSATISFIABLE_READ_BODY = b"400 Bad Request: request head or chunk line too long\n"
+_UNSATISFIABLE_READ_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+) % (len(_UNSATISFIABLE_READ_BODY), _UNSATISFIABLE_READ_BODY)
+
+
+def _answer_unsatisfiable_reads(stream: iostream.IOStream) -> None:
+    """Make ``stream`` answer 400 before it closes itself on an over-long request head."""
+    close = stream.close
+
+    def close_with_400(exc_info: Any = False) -> None:
+        if isinstance(exc_info, iostream.UnsatisfiableReadError) and not stream.closed():
+            # Nothing else is being written: a response is only started
+            # once the whole request was read. Best effort, non-blocking.
+            with contextlib.suppress(OSError):
+                stream.socket.send(_UNSATISFIABLE_READ_RESPONSE)
+        close(exc_info)
+
+    stream.close = close_with_400  # type: ignore[method-assign]
+
+
 # -- the server ---------------------------------------------------------------------------
 
 
@@ -900,6 +925,10 @@ class GreenWSGIServer(HTTPServer):
     def in_flight(self) -> int:
         """Requests being received or handled now."""
         return self.container.in_flight
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
+        _answer_unsatisfiable_reads(stream)
+        super().handle_stream(stream, address)
 
     def _close_idle_connections(self) -> None:
         busy = {request.server_conn for request in self.container._active}

@@ -220,12 +220,6 @@ OVERLONG_LINES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request head over Tornado's max_header_size (64 KiB), or a chunk-size line over 64 "
-    "bytes, gets no response at all: the IOStream closes the connection itself on the "
-    "unsatisfiable read, before HTTP1Connection can answer",
-)
 @pytest.mark.parametrize("name", list(OVERLONG_LINES))
 def test_overlong_request_lines_get_an_answer(http_server, name):
     response = exchange(http_server.port, OVERLONG_LINES[name])
