@@ -571,6 +571,17 @@ def _cleanup() -> None:
     _templates.clear()
 
 
+def skip_or_fail(exc: MariaDBUnavailable) -> None:
+    """No mariadbd here: fail, unless GREENPATCH_TEST_ALLOW_NO_MARIADBD=1 allows a skip.
+
+    A silent skip would let a machine without the server binaries pass the
+    destructive tests without running them.
+    """
+    if os.environ.get("GREENPATCH_TEST_ALLOW_NO_MARIADBD") == "1":
+        pytest.skip(str(exc))
+    pytest.fail(f"{exc} (set GREENPATCH_TEST_ALLOW_NO_MARIADBD=1 to skip these tests instead)")
+
+
 def private_mariadb_fixture(*args: str, scope: str = "module", name: str | None = None, **options: Any):
     """A pytest fixture yielding a started `PrivateMariaDB(*args, **options)`.
 
@@ -583,7 +594,7 @@ def private_mariadb_fixture(*args: str, scope: str = "module", name: str | None 
         try:
             server = PrivateMariaDB(*args, **options)
         except MariaDBUnavailable as exc:
-            pytest.skip(str(exc))
+            skip_or_fail(exc)
         with server:
             yield server
 

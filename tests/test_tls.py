@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from private_mariadb import MariaDBUnavailable, PrivateMariaDB
+from private_mariadb import MariaDBUnavailable, PrivateMariaDB, skip_or_fail
 
 import greenpatch
 from greenpatch.socket import GreenSocket
@@ -123,7 +123,7 @@ def tls_server():
     try:
         server = PrivateMariaDB()
     except MariaDBUnavailable as exc:
-        pytest.skip(str(exc))
+        skip_or_fail(exc)
     try:
         ca_key, ca_cert = make_ca("greenpatch test CA")
         key, cert = make_server_cert(ca_key, ca_cert)
