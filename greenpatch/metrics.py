@@ -26,6 +26,7 @@ sharing a name are added up):
 ``greenpatch_pool_checkins_total``           counter checkins
 ``greenpatch_pool_timeouts_total``           counter checkouts that timed out or were refused
 ``greenpatch_pool_discards_total``           counter connections discarded (label ``reason``)
+``greenpatch_pool_cancels_total``            counter queries of cut connections killed on the server
 ``greenpatch_pool_wait_seconds``             summary time queued by checkouts that waited
 ``greenpatch_pool_wait_max_seconds``         gauge   longest such wait
 ``greenpatch_loop_blocked_total``            counter IOLoop blocking episodes
@@ -76,6 +77,7 @@ _COUNTERS = (
     ("checkouts", "Connections checked out of the pool"),
     ("checkins", "Connections checked back into the pool"),
     ("timeouts", "Checkouts that timed out or were refused (max_waiting)"),
+    ("cancels", "Server-side queries of connections cut mid-request that were killed"),
 )
 
 

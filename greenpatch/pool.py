@@ -72,6 +72,8 @@ RESET_MODES = ("rollback", "full", "none")
 _SERVER_STATUS_IN_TRANS = 1
 # pymysql.constants.COMMAND.COM_RESET_CONNECTION (MySQL 5.7.3+, MariaDB 10.2.4+)
 _COM_RESET_CONNECTION = 0x1F
+# pymysql.constants.ER.NO_SUCH_THREAD ("Unknown thread id")
+_ER_NO_SUCH_THREAD = 1094
 
 # Connections of a parent process seen by a forked child. They stay
 # referenced here for the life of the child so that no finalizer (PyMySQL's
@@ -153,6 +155,21 @@ class ConnectionOps:
         except Exception:
             log.debug("closing %r failed", conn, exc_info=True)
 
+    def orphaned_work(self, conn: Any) -> Any:
+        """What the server may still be running for ``conn``, or None.
+
+        Called when the pool discards ``conn``. Non-None means this side cut
+        the connection in the middle of a request (worker killed, read
+        timeout) and the server may go on running it - holding a
+        transaction's locks - until it notices; the pool then passes the
+        value to `cancel_orphaned_work` on a fresh connection. The default
+        knows of no such work.
+        """
+        return None
+
+    def cancel_orphaned_work(self, conn: Any, work: Any) -> None:
+        """Stop ``work`` (from `orphaned_work`) using ``conn``, a fresh connection."""
+
     def is_fatal_error(self, exc: BaseException) -> bool:
         """True if ``exc``, raised in a `Pool.connection` block, ruins the connection.
 
@@ -220,6 +237,33 @@ class PyMySQLOps(ConnectionOps):
             return sock.fileno() != -1
         except Exception:
             return False
+
+    def orphaned_work(self, conn: Any) -> int | None:
+        # The server thread id of a green connection whose GreenSocket was
+        # cut mid-operation. Connections with PyMySQL's own socket are not
+        # tracked (their timeouts behave as without greenpatch).
+        sock = getattr(conn, "_greenpatch_socket", None)
+        thread_id = getattr(conn, "server_thread_id", None)
+        if sock is None or not sock.cut or not thread_id:
+            return None
+        return thread_id[0]
+
+    def cancel_orphaned_work(self, conn: Any, work: int) -> None:
+        # KILL ends the statement and the session, which rolls the
+        # transaction back and releases its locks. Any user may kill its own
+        # sessions. Thread ids grow for the life of a server, so a fresh
+        # connection with a smaller id means the server restarted since and
+        # ``work`` may name someone else's session: leave it alone.
+        if conn.thread_id() <= work:
+            log.debug("not killing server thread %d: the server restarted since", work)
+            return
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"KILL CONNECTION {int(work):d}")
+        except pymysql.err.MySQLError as e:
+            if e.args and e.args[0] == _ER_NO_SUCH_THREAD:
+                return  # it ended by itself meanwhile
+            raise
 
     def close(self, conn: Any) -> None:
         try:
@@ -335,9 +379,11 @@ class Pool:
         ``min_size`` open; checked whenever a connection is checked out
         or in. None never closes idle connections.
     :arg check: ``"auto"`` pings a connection on checkout when it was idle
-        for ``check_idle`` seconds or more, ``"always"`` pings every time,
-        ``"never"`` does not. A connection that fails its ping is
-        discarded and another one is used or opened.
+        for ``check_idle`` seconds or more, or when it was last used before
+        the pool last found a connection dropped by the server (a restart
+        drops them all); ``"always"`` pings every time; ``"never"`` does
+        not. A connection that fails its ping is discarded and another one
+        is used or opened.
     :arg check_idle: idle seconds that trigger a ping in ``"auto"`` mode.
     :arg reset: what `checkin` does before reuse, passed to
         `ConnectionOps.reset`: ``"rollback"``, ``"full"`` or ``"none"``.
@@ -423,6 +469,8 @@ class Pool:
         self._checkins = 0
         self._timeouts = 0
         self._discards: dict[str, int] = {}
+        self._cancels = 0
+        self._lost_at = -1.0  # when a connection was last found dropped by the server
         self._wait_count = 0
         self._wait_total = 0.0
         self._wait_max = 0.0
@@ -577,7 +625,8 @@ class Pool:
         ``size`` (open connections), ``idle``, ``in_use``, ``connecting``
         (slots reserved for connects), ``waiting``; totals since creation
         (or fork): ``connects``, ``connect_errors``, ``checkouts``,
-        ``checkins``, ``discards`` (by reason), ``timeouts`` (including
+        ``checkins``, ``discards`` (by reason), ``cancels`` (server-side work
+        of cut connections cancelled), ``timeouts`` (including
         `PoolTooManyWaiting`), and ``wait`` - ``count``, ``mean`` and
         ``max`` seconds spent queued by checkouts that had to wait and
         were served.
@@ -601,6 +650,7 @@ class Pool:
                 "checkouts": self._checkouts,
                 "checkins": self._checkins,
                 "discards": dict(self._discards),
+                "cancels": self._cancels,
                 "timeouts": self._timeouts,
                 "wait": {
                     "count": self._wait_count,
@@ -763,7 +813,8 @@ class Pool:
             return "lifetime"
         if not self.ops.is_usable(rec.conn):
             return "closed"
-        if self.check == "always" or (self.check == "auto" and now - rec.last_used >= self.check_idle):
+        stale = now - rec.last_used >= self.check_idle or rec.last_used <= self._lost_at
+        if self.check == "always" or (self.check == "auto" and stale):
             if not self.ops.ping(rec.conn):
                 return "check_failed"
         return None
@@ -814,13 +865,68 @@ class Pool:
             self._discards[reason] = self._discards.get(reason, 0) + 1
 
     def _remove(self, rec: _Record, reason: str | None) -> None:
-        """Forget and close a record that is not idle; its slot is freed."""
+        """Forget and close a record that is not idle; its slot is freed.
+
+        When the server may still be working for the connection (see
+        `ConnectionOps.orphaned_work`), the slot stays reserved until a
+        fresh connection has cancelled that work, so the cap also bounds
+        the sessions the server holds for the pool.
+        """
+        work = None
+        try:
+            work = self.ops.orphaned_work(rec.conn)
+            lost = work is None and not self.ops.is_usable(rec.conn)
+        except Exception:
+            log.debug("pool %r: inspecting %r failed", self.name, rec.conn, exc_info=True)
+            lost = False
         with self._lock:
             self._forget_locked(rec, reason)
+            if lost:
+                # The server dropped a connection (restart, KILL, timeout on
+                # its side): the idle ones from before may be gone too.
+                self._lost_at = time.monotonic()
+            if work is not None:
+                self._connecting += 1  # the slot passes to the cancelling connection
             self._dispatch_locked()
         if reason:
             log.debug("pool %r: discarding %r (%s)", self.name, rec.conn, reason)
         self.ops.close(rec.conn)
+        if work is not None:
+            self._cancel_orphaned_work(work)
+
+    def _cancel_orphaned_work(self, work: Any) -> None:
+        pid = self._pid
+
+        def cancel() -> None:
+            try:
+                conn = self._connect()
+                try:
+                    self.ops.cancel_orphaned_work(conn, work)
+                finally:
+                    self.ops.close(conn)
+            except Exception as e:
+                log.warning(
+                    "pool %r: could not cancel the server-side work (%r) of a connection cut "
+                    "mid-request: %s",
+                    self.name,
+                    work,
+                    e,
+                )
+            else:
+                with self._lock:
+                    self._cancels += 1
+                log.debug("pool %r: cancelled the server-side work %r of a cut connection", self.name, work)
+            finally:
+                with self._lock:
+                    if self._pid == pid:
+                        self._connecting -= 1
+                        self._dispatch_locked()
+
+        # Not in the caller, which may be a worker being killed, and not in a
+        # new worker, which never runs if its loop stops first (the slot
+        # would stay reserved): a short-lived thread, with a blocking
+        # connection. This happens only after a fault.
+        threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
 
     def _close_all(self, records: list[_Record]) -> None:
         for rec in records:

@@ -20,7 +20,9 @@ buffer of its own. Names are resolved asynchronously with Tornado's
 Timeouts follow the socket module: `settimeout` applies to each following
 wait, and an expired one closes the socket and raises `socket.timeout`
 (`TimeoutError`), so a half-read reply can never be reused. A worker killed
-mid-operation also closes it.
+mid-operation also closes it. Either way `GreenSocket.cut` becomes True:
+this side gave up half way, and the peer may still be working on a request
+(a database server on a query) that nobody will read the answer of.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class GreenSocket:
         self.family = sock.family
         self.type = _socket.SOCK_STREAM
         self._timeout: float | None = None
+        #: True once this side closed the socket in the middle of an
+        #: operation (timeout, worker killed) rather than at the peer's end
+        #: of stream or by `close`.
+        self.cut = False
 
     def __repr__(self) -> str:
         state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
@@ -187,11 +193,13 @@ class GreenSocket:
                 if not (ready[0] or ready[1]):
                     raise TimeoutError("timed out")
         except TimeoutError:
+            self.cut = True
             self.close()
             raise TimeoutError("timed out") from None
         except BaseException:
             # GreenletExit (worker killed) or anything unexpected: whatever
             # was half sent or half read makes the connection unusable.
+            self.cut = True
             self.close()
             raise
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -669,6 +670,159 @@ def test_connection_killed_server_side(db, patched, pools, check):
         assert handed != killed and answer == handed
         assert s["discards"] == {"check_failed": 1}
         assert s["connects"] == 2 and s["size"] == 1
+    assert s["cancels"] == 0  # the server ended it: nothing to cancel
+
+
+def test_after_one_dropped_connection_auto_checks_the_older_idle_ones(db, patched, pools):
+    # A restart drops every connection at once. check="auto" does not ping
+    # connections idle for less than check_idle, so the first one handed
+    # out fails; once the pool has seen that, it pings every connection
+    # last used before it, and nobody else gets a dead one.
+    pool = pools(db, max_size=3, check="auto", check_idle=60)
+    admin = pymysql.connect(**db)
+
+    def use(results):
+        try:
+            with pool.connection() as conn:
+                results.append(scalar(conn, "SELECT CONNECTION_ID()"))
+        except pymysql.err.OperationalError as exc:
+            results.append(exc)
+
+    def scenario():
+        held = [pool.checkout() for _ in range(3)]
+        ids = [c.thread_id() for c in held]
+        for conn in held:
+            pool.checkin(conn)
+        for thread_id in ids:
+            admin.kill(thread_id)
+        greenpatch.sleep(0.1)
+        results: list = []
+        for _ in range(4):
+            use(results)
+        return ids, results
+
+    try:
+        ids, results = run_green(scenario)
+    finally:
+        admin.close()
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert len(failed) == 1, results
+    assert all(r not in ids for r in results[1:]), (ids, results)
+    s = pool.stats()
+    assert s["discards"] == {"error": 1, "check_failed": 2}, s
+
+
+# -- cut connections: the server-side work is cancelled ----------------------------------
+
+
+def server_threads(admin) -> set[int]:
+    return {row[0] for row in _rows(admin, "SELECT ID FROM information_schema.PROCESSLIST")}
+
+
+def _rows(conn, sql: str, args=None) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return list(cur.fetchall())
+
+
+@pytest.mark.parametrize("cut_by", ["worker_killed", "read_timeout"])
+def test_query_of_a_cut_connection_is_killed_on_the_server(scratch_db, patched, cut_by):
+    # A transaction holds a row lock and runs a long statement; this side
+    # cuts the connection. Without a KILL the server would keep the session
+    # - and the lock - until SLEEP notices the closed socket (up to 5 s).
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    scalar(admin, "CREATE TABLE t (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+    scalar(admin, "INSERT INTO t VALUES (1, 0)")
+    read_timeout = 0.5 if cut_by == "read_timeout" else None
+    pool = Pool(
+        lambda: pymysql.connect(**scratch_db, read_timeout=read_timeout), name="cut", max_size=1
+    )
+    victim = []
+
+    def txn():
+        with pool.connection() as conn:
+            victim.append(conn.thread_id())
+            conn.begin()
+            scalar(conn, "UPDATE t SET v = 1 WHERE id = 1")
+            scalar(conn, "SELECT SLEEP(30)")
+
+    async def main():
+        fut = greenpatch.spawn(txn)
+        if cut_by == "worker_killed":
+            sql = "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s AND INFO LIKE 'SELECT SLEEP%%'"
+            await until(lambda: victim and _rows(admin, sql, (victim[0],)))
+            fut.cancel()
+        with contextlib.suppress(asyncio.CancelledError, pymysql.err.OperationalError):
+            await fut
+        return fut
+
+    try:
+        fut = run_loop(main)
+        cut = time.monotonic()
+        wait_until(lambda: victim[0] not in server_threads(admin), timeout=3)
+        gone_after = time.monotonic() - cut
+        wait_until(lambda: pool.stats()["cancels"] == 1)
+        scalar(admin, "SET SESSION innodb_lock_wait_timeout = 1")
+        scalar(admin, "UPDATE t SET v = v + 10 WHERE id = 1")  # the row lock is free
+        value = scalar(admin, "SELECT v FROM t WHERE id = 1")
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert fut.cancelled() if cut_by == "worker_killed" else "2013" in str(fut.exception())
+    assert gone_after < 1.0, f"the server kept the cut session {gone_after:.2f} s"
+    assert value == 10  # the cut transaction was rolled back
+    assert (s["in_use"], s["connecting"], s["size"], s["cancels"]) == (0, 0, 0, 1)
+    assert sum(s["discards"].values()) == 1
+
+
+def test_cancelling_keeps_the_slot_until_the_kill_is_done(scratch_db, patched):
+    # The cut connection's slot passes to the connection that sends KILL:
+    # even then the pool never holds more than max_size server sessions.
+    pool = Pool(lambda: pymysql.connect(**scratch_db, read_timeout=0.3), name="slot", max_size=1)
+    admin = pymysql.connect(**scratch_db)
+    seen = []
+
+    def cut_then_use():
+        with contextlib.suppress(pymysql.err.OperationalError), pool.connection() as conn:
+            scalar(conn, "SELECT SLEEP(30)")
+        seen.append(pool.stats()["connecting"])
+        with pool.connection() as conn:  # waits for the slot
+            return scalar(conn, "SELECT 1")
+
+    try:
+        assert run_green(cut_then_use) == 1
+        wait_until(lambda: pool.stats()["cancels"] == 1)
+        s = pool.stats()
+        sessions = server_count(admin, scratch_db["database"])
+    finally:
+        pool.close()
+        admin.close()
+    assert seen == [1]
+    assert (s["size"], s["connecting"], s["connects"]) == (1, 0, 2)
+    assert sessions <= 2  # admin + at most max_size
+
+
+def test_kill_is_skipped_when_the_server_restarted_since(db):
+    # Thread ids grow for the life of a server; a fresh connection with a
+    # smaller id than the cut one means a restart, and the id may be reused.
+    from greenpatch.pool import PyMySQLOps
+
+    ops = PyMySQLOps()
+    older = pymysql.connect(**db)
+    victim = pymysql.connect(**db)
+    newer = pymysql.connect(**db)
+    try:
+        ops.cancel_orphaned_work(older, victim.thread_id())  # looks like a restart: no KILL
+        assert scalar(victim, "SELECT 1") == 1
+        ops.cancel_orphaned_work(newer, victim.thread_id())
+        with pytest.raises(pymysql.err.OperationalError):
+            scalar(victim, "SELECT 1")
+        ops.cancel_orphaned_work(newer, victim.thread_id())  # already gone: no error
+    finally:
+        for conn in (older, victim, newer):
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 def test_lifetime_expiry(db, pools):

@@ -8,7 +8,7 @@ never changed.
 
 TLS: PyMySQL upgrades with ``self.ctx.wrap_socket(sock)``, which needs a
 real socket, so a green connection's ``ctx`` is wrapped to run the
-handshake cooperatively through ``IOStream.start_tls`` instead.
+handshake cooperatively through `GreenSocket.start_tls` instead.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ def _connect(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     ctx = getattr(instance, "ctx", None)
     if ctx is not None and not isinstance(ctx, _GreenTLSContext):
         instance.ctx = _GreenTLSContext(ctx)
+    # PyMySQL drops its reference (``_sock = None``) when a read fails; the
+    # pool still needs to know whether *this side* cut the connection
+    # mid-query (GreenSocket.cut) to cancel the query on the server.
+    instance._greenpatch_socket = sock
     return wrapped(sock=sock)
 
 

@@ -96,8 +96,8 @@ def test_client_disconnect_mid_transaction(server, db_server):
     pool = server.wait_pool(lambda p: p["in_use"] == 0, timeout=5)
     released = time.monotonic() - closed
     state = session(server)
-    # The server goes on running the cut query until it notices the closed
-    # socket (SELECT SLEEP looks every 5 s), then rolls the transaction back.
+    # The pool KILLs the cut session from a fresh connection (without it the
+    # server would run SLEEP on until it noticed the closed socket: up to 5 s).
     deadline = time.monotonic() + 10
     while victim in app_connection_ids(db_server) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -111,6 +111,7 @@ def test_client_disconnect_mid_transaction(server, db_server):
         next_session=state,
     )
     assert released < 1.0
+    assert server_side < 1.0
     assert discards(pool) == discards(before) + 1
     assert pool["size"] <= 1 and pool["waiting"] == 0
     assert state["conn"] != victim
@@ -119,12 +120,6 @@ def test_client_disconnect_mid_transaction(server, db_server):
     assert again.ok, again  # the abandoned transaction left no row behind
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a killed worker's query is not cancelled on the server: its transaction keeps its "
-    "locks until mariadbd notices the closed socket (SLEEP: up to 5 s; other statements: "
-    "until they finish)",
-)
 def test_client_disconnect_releases_the_transactions_locks_promptly(server, db_server):
     sock = send_raw(server, post("/write?uid=locked-1&v=1&hold=30"))
     sleeping_connection(db_server)
