@@ -470,6 +470,7 @@ class Pool:
         self._timeouts = 0
         self._discards: dict[str, int] = {}
         self._cancels = 0
+        self._cancelling = 0  # cancel connections open or being opened (outside max_size)
         self._lost_at = -1.0  # when a connection was last found dropped by the server
         self._wait_count = 0
         self._wait_total = 0.0
@@ -623,7 +624,9 @@ class Pool:
         """A snapshot of the pool's state and counters.
 
         ``size`` (open connections), ``idle``, ``in_use``, ``connecting``
-        (slots reserved for connects), ``waiting``; totals since creation
+        (slots reserved for connects), ``waiting``, ``cancelling``
+        (connections busy cancelling the server-side work of cut ones,
+        outside ``max_size``); totals since creation
         (or fork): ``connects``, ``connect_errors``, ``checkouts``,
         ``checkins``, ``discards`` (by reason), ``cancels`` (server-side work
         of cut connections cancelled), ``timeouts`` (including
@@ -651,6 +654,7 @@ class Pool:
                 "checkins": self._checkins,
                 "discards": dict(self._discards),
                 "cancels": self._cancels,
+                "cancelling": self._cancelling,
                 "timeouts": self._timeouts,
                 "wait": {
                     "count": self._wait_count,
@@ -868,9 +872,13 @@ class Pool:
         """Forget and close a record that is not idle; its slot is freed.
 
         When the server may still be working for the connection (see
-        `ConnectionOps.orphaned_work`), the slot stays reserved until a
-        fresh connection has cancelled that work, so the cap also bounds
-        the sessions the server holds for the pool.
+        `ConnectionOps.orphaned_work`), a short-lived extra connection,
+        outside ``max_size``, cancels that work. Its slot is not kept
+        reserved meanwhile: MariaDB's ``KILL`` can take up to 2 s (it retries
+        a lock the victim may hold), and a burst of disconnects under
+        overload must not starve the pool. At most ``max_size`` such
+        connections exist at once, since only checked-out connections are
+        ever cut.
         """
         work = None
         try:
@@ -886,7 +894,7 @@ class Pool:
                 # its side): the idle ones from before may be gone too.
                 self._lost_at = time.monotonic()
             if work is not None:
-                self._connecting += 1  # the slot passes to the cancelling connection
+                self._cancelling += 1
             self._dispatch_locked()
         if reason:
             log.debug("pool %r: discarding %r (%s)", self.name, rec.conn, reason)
@@ -919,13 +927,11 @@ class Pool:
             finally:
                 with self._lock:
                     if self._pid == pid:
-                        self._connecting -= 1
-                        self._dispatch_locked()
+                        self._cancelling -= 1
 
         # Not in the caller, which may be a worker being killed, and not in a
-        # new worker, which never runs if its loop stops first (the slot
-        # would stay reserved): a short-lived thread, with a blocking
-        # connection. This happens only after a fault.
+        # new worker, which never runs if its loop stops first: a short-lived
+        # thread, with a blocking connection. This happens only after a fault.
         threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
 
     def _close_all(self, records: list[_Record]) -> None:
