@@ -96,7 +96,11 @@ from pathlib import Path
 from typing import Any
 
 import pymysql
-import pytest
+
+try:
+    import pytest
+except ImportError:  # used outside the tests too (bench/peers.py): no fixtures then
+    pytest = None  # type: ignore[assignment]
 
 __all__ = [
     "MariaDBUnavailable",
@@ -601,5 +605,6 @@ def private_mariadb_fixture(*args: str, scope: str = "module", name: str | None 
     return _private_mariadb
 
 
-#: A default private server per test module: ``from private_mariadb import private_mariadb``.
-private_mariadb = private_mariadb_fixture(name="private_mariadb")
+if pytest is not None:
+    #: A default private server per test module: ``from private_mariadb import private_mariadb``.
+    private_mariadb = private_mariadb_fixture(name="private_mariadb")

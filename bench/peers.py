@@ -1,0 +1,869 @@
+"""greenpatch against its peers: one Django app, several servers, one load generator.
+
+Serves ``bench/tfb`` (TechEmpower-style ``/plain``, ``/db``, ``/queries``,
+``/updates``, plus ``/slow``: ``SELECT SLEEP(0.05)`` then a row) with each
+configuration in turn and loads it with ``wrk`` on loopback. Rounds are
+interleaved (A B C ... then ... C B A), each measurement is a fresh ``wrk``
+run after a warm-up, and the tables report medians over rounds.
+
+For every configuration and scenario: requests/s, p50/p99 latency, errors
+(non-2xx answers and socket errors), the most MySQL sessions the app held
+(sampled server-side) and the server's RSS (all its processes, sampled).
+Then greenpatch's memory for 1,000 in-flight ``/slow`` requests, the
+targets of issue 6 with PASS/MISS, ``bench/results.md`` and a PNG chart.
+
+By default the database is a private ``mariadbd`` started for the run (in
+a temporary directory, ``max_connections=2000``, so no peer is refused for
+lack of connections); ``--db-url`` uses an existing server instead.
+
+Run ``scripts/bench`` (it installs what this needs), or see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pymysql
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+APP_DIR = HERE / "tfb"
+DB_NAME = "gp_peers"
+ROWS = 10_000
+SLOW_SECONDS = 0.05
+
+
+# -- configurations -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    label: str
+    processes: int
+    engine: str
+    pool: int | None = None  # connections per process, for pooled configs
+    conn_max_age: int = 0
+    kind: str = "greenpatch"  # greenpatch | runserver | gthread | gevent
+    greenpatch: bool = False
+
+    def command(self, port: int) -> list[str]:
+        py = sys.executable
+        if self.kind == "greenpatch":
+            return [
+                py,
+                "-m",
+                "greenpatch",
+                "serve",
+                "tfb.wsgi:application",
+                "--port",
+                str(port),
+                "--processes",
+                str(self.processes),
+                "--no-access-log",
+                "--log-level",
+                "WARNING",
+                "--graceful-timeout",
+                "5",
+            ]
+        if self.kind == "runserver":
+            return [py, str(APP_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload"]
+        worker = ["-k", "gthread", "--threads", "16"] if self.kind == "gthread" else ["-k", "gevent"]
+        return [
+            py,
+            "-m",
+            "gunicorn",
+            "tfb.wsgi:application",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            str(self.processes),
+            *worker,
+            "--graceful-timeout",
+            "5",
+            "--log-level",
+            "warning",
+        ]
+
+    def env(self, db: dict) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BENCH_", "GREENPATCH", "DJANGO_"))}
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(APP_DIR), str(ROOT)]),
+            DJANGO_SETTINGS_MODULE="tfb.settings",
+            BENCH_ENGINE=self.engine,
+            BENCH_POOL_SIZE=str(self.pool or 0),
+            BENCH_CONN_MAX_AGE=str(self.conn_max_age),
+            BENCH_SLOW_SECONDS=str(SLOW_SECONDS),
+            BENCH_DB_HOST=db["host"],
+            BENCH_DB_PORT=str(db["port"]),
+            BENCH_DB_USER=db["user"],
+            BENCH_DB_PASSWORD=db["password"],
+            BENCH_DB_NAME=DB_NAME,
+        )
+        if not self.greenpatch:
+            env["GREENPATCH"] = "0"
+        return env
+
+
+CONFIGS = [
+    Config("gp1", "greenpatch, 1 process, pool 40", 1, "greenpatch", pool=40, greenpatch=True),
+    Config("gp2", "greenpatch, 2 processes x pool 20", 2, "greenpatch", pool=20, greenpatch=True),
+    Config(
+        "gthread",
+        "gunicorn gthread 2x16, PyMySQL, CONN_MAX_AGE=60",
+        2,
+        "pymysql",
+        conn_max_age=60,
+        kind="gthread",
+    ),
+    Config(
+        "gthread-c",
+        "gunicorn gthread 2x16, mysqlclient, CONN_MAX_AGE=60",
+        2,
+        "mysqlclient",
+        conn_max_age=60,
+        kind="gthread",
+    ),
+    Config(
+        "gevent", "gunicorn gevent x2, PyMySQL, SQLAlchemy pool 20", 2, "sqla-pool", pool=20, kind="gevent"
+    ),
+    Config("runserver", "Django runserver (threaded), PyMySQL", 1, "pymysql", kind="runserver"),
+]
+BY_NAME = {c.name: c for c in CONFIGS}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    concurrency: int
+
+
+SCENARIOS = [
+    Scenario("plain", "/plain", 64),
+    Scenario("db", "/db", 64),
+    Scenario("queries", "/queries?q=20", 64),
+    Scenario("updates", "/updates?q=5", 64),
+    Scenario("slow", "/slow", 64),
+    Scenario("slow-256", "/slow", 256),
+]
+SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    config: str
+    scenario: str
+    round: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    db_sessions: int
+    rss_mb: float
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict:
+    """Requests/s, p50/p99 (ms), requests and errors from ``wrk --latency`` output."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and total and p50 and p99):
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        errors += sum(int(x) for x in sock.groups())
+    return {
+        "rps": float(rps.group(1)),
+        "requests": int(total.group(1)),
+        "p50_ms": _ms(p50.group(1)),
+        "p99_ms": _ms(p99.group(1)),
+        "errors": errors,
+    }
+
+
+def wrk(url: str, concurrency: int, seconds: int) -> dict:
+    cmd = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{seconds:d}s",
+        "--timeout",
+        "30s",
+        "--latency",
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    return parse_wrk(out)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def rss_mb(root: int) -> float:
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+class Sampler:
+    """Samples the server's RSS and the app's MySQL sessions while a run lasts."""
+
+    def __init__(self, pid: int, db: dict, interval: float = 0.1) -> None:
+        self.pid, self.interval = pid, interval
+        self.conn = pymysql.connect(**{**db, "database": None}, autocommit=True)
+        self.max_rss = 0.0
+        self.max_sessions = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.conn.cursor() as cur:
+            while not self._stop.is_set():
+                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s", (DB_NAME,))
+                self.max_sessions = max(self.max_sessions, cur.fetchone()[0])
+                self.max_rss = max(self.max_rss, rss_mb(self.pid))
+                self._stop.wait(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.conn.close()
+
+
+# -- servers ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, config: Config, db: dict, logdir: Path) -> None:
+        self.config = config
+        self.port = free_port()
+        self.log = logdir / f"{config.name}.log"
+        self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            config.command(self.port),
+            env=config.env(db),
+            cwd=APP_DIR,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(self.url("/db"), timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.config.name} did not start; its log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+# -- database --------------------------------------------------------------------------
+
+
+def parse_db_url(url: str) -> dict:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mysql", "mariadb"):
+        raise SystemExit(f"--db-url {url!r}: use mysql://user:password@host:port")
+    return {
+        "host": parsed.hostname or "127.0.0.1",
+        "port": parsed.port or 3306,
+        "user": unquote(parsed.username or "root"),
+        "password": unquote(parsed.password or ""),
+    }
+
+
+@contextlib.contextmanager
+def database(url: str | None):
+    """Connection params of the server to use; a private mariadbd unless ``url``."""
+    if url:
+        yield parse_db_url(url)
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from private_mariadb import PrivateMariaDB
+
+    with PrivateMariaDB(
+        max_connections=2000,
+        innodb_buffer_pool_size="256M",
+        innodb_log_file_size="64M",
+        thread_cache_size=256,
+    ) as server:
+        params = server.params
+        yield {k: params[k] for k in ("host", "port", "user", "password")}
+
+
+def create_world(db: dict) -> None:
+    conn = pymysql.connect(**db, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
+            cur.execute(f"CREATE DATABASE `{DB_NAME}`")
+            cur.execute(
+                f"CREATE TABLE `{DB_NAME}`.World (id INT PRIMARY KEY AUTO_INCREMENT,"
+                " randomnumber INT NOT NULL) ENGINE=InnoDB"
+            )
+            rng = __import__("random").Random(1)
+            rows = [(i, rng.randint(1, ROWS)) for i in range(1, ROWS + 1)]
+            cur.executemany(f"INSERT INTO `{DB_NAME}`.World (id, randomnumber) VALUES (%s, %s)", rows)
+    finally:
+        conn.close()
+
+
+def drop_world(db: dict) -> None:
+    with contextlib.suppress(pymysql.MySQLError):
+        conn = pymysql.connect(**db, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
+        conn.close()
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    configs: list[Config]
+    scenarios: list[Scenario]
+    rounds: int
+    duration: int
+    warmup: int
+    results: list[Result] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+
+class Progress:
+    """A progress bar on stderr (tqdm when installed, a plain line otherwise)."""
+
+    def __init__(self, total: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+            self.total, self.done = total, 0
+        else:
+            self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+        else:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        else:
+            self.done += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def measure(server: Server, db: dict, scenario: Scenario, run: Run, rnd: int) -> Result:
+    url = server.url(scenario.path)
+    if run.warmup:
+        wrk(url, scenario.concurrency, run.warmup)
+    with Sampler(server.proc.pid, db) as sampler:
+        figures = wrk(url, scenario.concurrency, run.duration)
+    return Result(
+        server.config.name,
+        scenario.name,
+        rnd,
+        figures["rps"],
+        figures["p50_ms"],
+        figures["p99_ms"],
+        figures["requests"],
+        figures["errors"],
+        sampler.max_sessions,
+        sampler.max_rss,
+    )
+
+
+def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int) -> None:
+    total = run.rounds * len(run.configs) * len(run.scenarios) + (1 if memory_clients else 0)
+    progress = Progress(total)
+    try:
+        for rnd in range(run.rounds):
+            order = run.configs if rnd % 2 == 0 else run.configs[::-1]
+            for config in order:
+                progress.describe(f"round {rnd + 1}/{run.rounds} {config.name}: starting")
+                server = Server(config, db, logdir)
+                try:
+                    server.wait_ready()
+                    for scenario in run.scenarios:
+                        progress.describe(f"round {rnd + 1}/{run.rounds} {config.name} {scenario.name}")
+                        run.results.append(measure(server, db, scenario, run, rnd))
+                        progress.step()
+                finally:
+                    server.stop()
+        if memory_clients:
+            progress.describe(f"memory: {memory_clients} in-flight /slow on gp1")
+            run.memory = measure_memory(db, logdir, memory_clients, run.duration)
+            progress.step()
+    finally:
+        progress.close()
+
+
+def measure_memory(db: dict, logdir: Path, clients: int, seconds: int) -> dict:
+    """RSS of one greenpatch process: idle (warm) and with ``clients`` in-flight ``/slow``."""
+    server = Server(BY_NAME["gp1"], db, logdir)
+    try:
+        server.wait_ready()
+        wrk(server.url("/db"), 64, 1)  # fill the pool, warm every code path
+        wrk(server.url("/slow"), 64, 1)
+        time.sleep(0.5)
+        idle = rss_mb(server.proc.pid)
+        with Sampler(server.proc.pid, db) as sampler:
+            figures = wrk(server.url("/slow"), clients, max(seconds, 5))
+        return {
+            "clients": clients,
+            "idle_mb": idle,
+            "loaded_mb": sampler.max_rss,
+            "delta_mb": sampler.max_rss - idle,
+            "rps": figures["rps"],
+            "p99_ms": figures["p99_ms"],
+            "errors": figures["errors"],
+            "db_sessions": sampler.max_sessions,
+        }
+    finally:
+        server.stop()
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def median(run: Run, config: str, scenario: str, attr: str) -> float | None:
+    values = [getattr(r, attr) for r in run.results if r.config == config and r.scenario == scenario]
+    return statistics.median(values) if values else None
+
+
+def total_errors(run: Run, config: str, scenario: str) -> int:
+    return sum(r.errors for r in run.results if r.config == config and r.scenario == scenario)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (also readable as plain text)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def results_table(run: Run) -> str:
+    header = ["scenario", "config", "req/s", "p50 ms", "p99 ms", "errors", "MySQL sessions", "RSS MB"]
+    rows = []
+    for s in run.scenarios:
+        for c in run.configs:
+            rps = median(run, c.name, s.name, "rps")
+            if rps is None:
+                continue
+            rows.append(
+                [
+                    f"{s.path} c={s.concurrency}",
+                    c.name,
+                    f"{rps:,.0f}",
+                    f"{median(run, c.name, s.name, 'p50_ms'):.1f}",
+                    f"{median(run, c.name, s.name, 'p99_ms'):.1f}",
+                    str(total_errors(run, c.name, s.name)),
+                    f"{median(run, c.name, s.name, 'db_sessions'):.0f}",
+                    f"{median(run, c.name, s.name, 'rss_mb'):.0f}",
+                ]
+            )
+    return table(header, rows)
+
+
+def ratio_table(run: Run) -> str:
+    peers = [c for c in run.configs if not c.greenpatch]
+    ours = [c for c in run.configs if c.greenpatch]
+    header = ["scenario", *(f"{g.name}/{p.name}" for g in ours for p in peers)]
+    rows = []
+    for s in run.scenarios:
+        row = [f"{s.path} c={s.concurrency}"]
+        for g in ours:
+            for p in peers:
+                a, b = median(run, g.name, s.name, "rps"), median(run, p.name, s.name, "rps")
+                row.append(f"{a / b:.2f}x" if a and b else "-")
+        rows.append(row)
+    return table(header, rows)
+
+
+@dataclass
+class Target:
+    what: str
+    measured: str
+    ok: bool | None  # None: not measured in this run
+
+
+def targets(run: Run) -> list[Target]:
+    out: list[Target] = []
+
+    def rps(c: str, s: str) -> float | None:
+        return median(run, c, s, "rps")
+
+    for g in ("gp2", "gp1"):
+        r, p99 = rps(g, "slow-256"), median(run, g, "slow-256", "p99_ms")
+        peer_p99 = median(run, "gthread", "slow-256", "p99_ms")
+        if r is None:
+            out.append(Target(f"{g} /slow c=256 >= 705 req/s, 0 errors", "not measured", None))
+            continue
+        errors = total_errors(run, g, "slow-256")
+        out.append(
+            Target(
+                f"{g} /slow c=256 >= 705 req/s, 0 errors",
+                f"{r:,.0f} req/s, {errors} errors",
+                r >= 705 and errors == 0,
+            )
+        )
+        if peer_p99 is not None:
+            out.append(
+                Target(
+                    f"{g} /slow c=256 p99 <= gthread's", f"{p99:.0f} ms vs {peer_p99:.0f} ms", p99 <= peer_p99
+                )
+            )
+    for s, factor in (("plain", 1.2), ("db", 1.2), ("queries", 1.0), ("updates", 1.0)):
+        ours = rps("gp2", s)
+        for peer, need in (("gthread", factor), ("gevent", 1.0)):
+            theirs = rps(peer, s)
+            what = f"gp2 {SCENARIO_BY_NAME[s].path} >= {need:g}x {peer}"
+            if ours is None or theirs is None:
+                out.append(Target(what, "not measured", None))
+            else:
+                out.append(
+                    Target(
+                        what, f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})", ours >= need * theirs
+                    )
+                )
+    if run.memory:
+        m = run.memory
+        out.append(
+            Target(
+                f"{m['clients']} in-flight /slow <= 30 MB above idle (1 process)",
+                f"{m['delta_mb']:.1f} MB ({m['idle_mb']:.0f} -> {m['loaded_mb']:.0f} MB)",
+                m["delta_mb"] <= 30,
+            )
+        )
+    return out
+
+
+def targets_table(items: list[Target]) -> str:
+    mark = {True: "PASS", False: "MISS", None: "-"}
+    return table(["target", "measured", ""], [[t.what, t.measured, mark[t.ok]] for t in items])
+
+
+def environment(db: dict) -> list[str]:
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    conn = pymysql.connect(**db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT VERSION()")
+            server = cur.fetchone()[0]
+    finally:
+        conn.close()
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    return [
+        f"{platform.python_implementation()} {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "greenpatch "
+        + ver("greenpatch")
+        + ", Django "
+        + ver("Django")
+        + ", PyMySQL "
+        + ver("PyMySQL")
+        + ", mysqlclient "
+        + ver("mysqlclient")
+        + ", Tornado "
+        + ver("tornado")
+        + ", greenlet "
+        + ver("greenlet")
+        + ", gunicorn "
+        + ver("gunicorn")
+        + ", gevent "
+        + ver("gevent")
+        + ", SQLAlchemy "
+        + ver("SQLAlchemy"),
+        f"server {server}; load: {wrk_version.strip()} (1 thread) on the same machine",
+    ]
+
+
+def report(run: Run, env: list[str], started: str) -> str:
+    cfgs = table(
+        ["config", "what", "processes", "connections"],
+        [
+            [
+                c.name,
+                c.label,
+                str(c.processes),
+                f"pool {c.pool} per process"
+                if c.pool
+                else ("1 per thread, kept 60 s" if c.conn_max_age else "1 per request"),
+            ]
+            for c in run.configs
+        ],
+    )
+    parts = [
+        "# greenpatch vs peers",
+        "",
+        f"Run {started}, `python bench/peers.py {' '.join(sys.argv[1:])}`: {run.rounds} interleaved rounds, "
+        f"{run.duration:g} s per measurement after a {run.warmup:g} s warm-up; medians over rounds "
+        "(errors: summed).",
+        "",
+        *(f"- {line}" for line in env),
+        "",
+        "## Configurations",
+        "",
+        cfgs,
+        "",
+        "## Results",
+        "",
+        results_table(run),
+        "",
+        "## greenpatch / peer, requests per second",
+        "",
+        ratio_table(run),
+        "",
+    ]
+    if run.memory:
+        m = run.memory
+        parts += [
+            "## Memory",
+            "",
+            f"One greenpatch process (pool 40), {m['clients']} concurrent `/slow` requests: RSS "
+            f"{m['idle_mb']:.1f} MB warm and idle, {m['loaded_mb']:.1f} MB at most under load "
+            f"(+{m['delta_mb']:.1f} MB); {m['rps']:,.0f} req/s, p99 {m['p99_ms']:.0f} ms, "
+            f"{m['errors']} errors, {m['db_sessions']} MySQL sessions.",
+            "",
+        ]
+    parts += ["## Targets (issue 6)", "", targets_table(targets(run)), ""]
+    return "\n".join(parts)
+
+
+def chart(run: Run, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = run.scenarios
+    configs = run.configs
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.2 * len(scenarios), 4.2))
+    if len(scenarios) == 1:
+        axes = [axes]
+    colors = plt.get_cmap("tab10").colors
+    for ax, s in zip(axes, scenarios, strict=True):
+        values = [median(run, c.name, s.name, "rps") or 0 for c in configs]
+        bars = ax.bar(range(len(configs)), values, color=[colors[i % 10] for i in range(len(configs))])
+        ax.set_title(f"{s.path}\nc={s.concurrency}", fontsize=9)
+        ax.set_xticks(range(len(configs)), [c.name for c in configs], rotation=60, fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        for bar, c in zip(bars, configs, strict=True):
+            p99 = median(run, c.name, s.name, "p99_ms")
+            if p99 is not None:
+                ax.annotate(
+                    f"{p99:.0f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                )
+    axes[0].set_ylabel("requests/s (median); label: p99 ms")
+    fig.suptitle("greenpatch vs peers (bench/peers.py)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark greenpatch against gunicorn (gthread, gevent) and runserver with wrk.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--db-url",
+        help="use this server (mysql://user:password@host:port) instead of a "
+        "private mariadbd; the user must be able to create the database gp_peers",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each (0: none)")
+    parser.add_argument(
+        "--configs", default=",".join(BY_NAME), help="comma-separated subset of: " + ", ".join(BY_NAME)
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIO_BY_NAME),
+        help="comma-separated subset of: " + ", ".join(SCENARIO_BY_NAME),
+    )
+    parser.add_argument(
+        "--memory-clients",
+        type=int,
+        default=1000,
+        help="in-flight /slow requests for the memory figure (0: skip it)",
+    )
+    parser.add_argument("--out", default=str(HERE / "results.md"), help="Markdown report ('' to skip)")
+    parser.add_argument("--chart", default=str(HERE / "results.png"), help="PNG chart ('' to skip)")
+    parser.add_argument("--json", help="also write the raw measurements here")
+    args = parser.parse_args(argv)
+
+    def pick(text: str, known: dict, what: str) -> list:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            parser.error(f"--{what}={text!r}: unknown {unknown or 'empty'}; accepted: {', '.join(known)}")
+        return [known[n] for n in names]
+
+    args.configs = pick(args.configs, BY_NAME, "configs")
+    args.scenarios = pick(args.scenarios, SCENARIO_BY_NAME, "scenarios")
+    for name in ("rounds", "duration"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name}={getattr(args, name)}: use an integer > 0")
+    if args.warmup < 0 or args.memory_clients < 0:
+        parser.error("--warmup and --memory-clients: use an integer >= 0")
+    return args
+
+
+def raise_fd_limit(need: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit(
+            "wrk not found: install it (Debian/Ubuntu: apt-get install wrk), or run scripts/bench"
+        )
+    raise_fd_limit(8192)  # wrk and the servers inherit it
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    run = Run(args.configs, args.scenarios, args.rounds, args.duration, args.warmup)
+    with tempfile.TemporaryDirectory(prefix="gp-peers-") as tmp, database(args.db_url) as db:
+        create_world(db)
+        try:
+            env = environment(db)
+            print("\n".join(env), flush=True)
+            run_benchmark(run, db, Path(tmp), args.memory_clients)
+        finally:
+            drop_world(db)
+    text = report(run, env, started)
+    print()
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"written: {args.out}")
+    if args.chart:
+        chart(run, Path(args.chart))
+        print(f"written: {args.chart}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"results": [r.__dict__ for r in run.results], "memory": run.memory}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
