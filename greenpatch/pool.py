@@ -929,9 +929,15 @@ class Pool:
                     if self._pid == pid:
                         self._cancelling -= 1
 
-        # Not in the caller, which may be a worker being killed, and not in a
-        # new worker, which never runs if its loop stops first: a short-lived
-        # thread, with a blocking connection. This happens only after a fault.
+        # Not in the caller, which may be a worker being killed. A worker's
+        # connection is cancelled from a new worker on the same loop: a thread
+        # would fight the busy loop thread for the GIL at every step of its
+        # connect (a burst of disconnects then stalled the loop for ~1 s).
+        # Elsewhere, a short-lived thread with a blocking connection.
+        if hub.is_worker():
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                hub.start_worker(cancel)
+                return
         threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
 
     def _close_all(self, records: list[_Record]) -> None:
