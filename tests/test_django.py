@@ -114,6 +114,53 @@ def test_connection_returned_when_worker_fails():
     assert green_pool().stats()["in_use"] == 0
 
 
+def test_clean_wrappers_are_reused_by_later_workers_and_dirty_ones_are_not():
+    from django.db import connection, connections, transaction
+
+    from greenpatch.patches import django_db
+
+    def query():
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1")
+        return connections["default"]
+
+    def leaves_an_execute_wrapper():
+        wrapper = connections["default"]
+        wrapper.execute_wrappers.append(lambda execute, *args: execute(*args))
+        query()
+        return wrapper
+
+    def leaves_atomic_open():
+        transaction.atomic().__enter__()  # never exited
+        query()
+        return connections["default"]
+
+    django_db._spares.clear()
+    first = run_green(query)
+    assert run_green(query) is first, "a clean wrapper is reused"
+    assert first.connection is None and not first.queries_log
+
+    def query_and_hold():
+        wrapper = query()
+        greenpatch.sleep(0.05)  # all three overlap
+        return wrapper
+
+    # Concurrent workers each get their own, clean, wrapper.
+    many = gather(query_and_hold, 3)
+    assert len({id(w) for w in many}) == 3
+    assert first in many
+
+    dirty = run_green(leaves_an_execute_wrapper)
+    assert run_green(query) is not dirty, "a wrapper with an execute_wrapper left is not reused"
+    assert dirty not in django_db._spares["default"]
+
+    stale = run_green(leaves_atomic_open)
+    assert stale.in_atomic_block
+    assert stale not in django_db._spares["default"], "a wrapper left inside atomic() is dropped"
+    assert run_green(query) is not stale
+    assert green_pool().stats()["in_use"] == 0
+
+
 def test_transactions_never_mix_under_concurrency():
     """200 workers, pool max 5: exact totals, no dirty reads, cap respected."""
     from django.db import transaction
