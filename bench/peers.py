@@ -490,36 +490,51 @@ def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int) -> None
                 finally:
                     server.stop()
         if memory_clients:
-            progress.describe(f"memory: {memory_clients} in-flight /slow on gp1")
+            progress.describe(f"memory: {memory_clients} in-flight /slow, 1 process")
             run.memory = measure_memory(db, logdir, memory_clients, run.duration)
             progress.step()
     finally:
         progress.close()
 
 
+# One process each, 40 connections: what 1,000 in-flight requests cost.
+MEMORY_CONFIGS = [
+    BY_NAME["gp1"],
+    Config(
+        "gevent-1", "gunicorn gevent x1, PyMySQL, SQLAlchemy pool 40", 1, "sqla-pool", pool=40, kind="gevent"
+    ),
+]
+
+
 def measure_memory(db: dict, logdir: Path, clients: int, seconds: int) -> dict:
-    """RSS of one greenpatch process: idle (warm) and with ``clients`` in-flight ``/slow``."""
-    server = Server(BY_NAME["gp1"], db, logdir)
-    try:
-        server.wait_ready()
-        wrk(server.url("/db"), 64, 1)  # fill the pool, warm every code path
-        wrk(server.url("/slow"), 64, 1)
-        time.sleep(0.5)
-        idle = rss_mb(server.proc.pid)
-        with Sampler(server.proc.pid, db) as sampler:
-            figures = wrk(server.url("/slow"), clients, max(seconds, 5))
-        return {
-            "clients": clients,
-            "idle_mb": idle,
-            "loaded_mb": sampler.max_rss,
-            "delta_mb": sampler.max_rss - idle,
-            "rps": figures["rps"],
-            "p99_ms": figures["p99_ms"],
-            "errors": figures["errors"],
-            "db_sessions": sampler.max_sessions,
-        }
-    finally:
-        server.stop()
+    """RSS of one process (greenpatch, and gevent for comparison): warm and idle,
+    then at most while ``clients`` ``/slow`` requests are in flight."""
+    out = {}
+    for config in MEMORY_CONFIGS:
+        server = Server(config, db, logdir)
+        try:
+            server.wait_ready()
+            wrk(server.url("/db"), 64, 1)  # fill the pool, warm every code path
+            wrk(server.url("/slow"), 64, 1)
+            time.sleep(1.0)
+            idle = rss_mb(server.proc.pid)
+            with Sampler(server.proc.pid, db) as sampler:
+                figures = wrk(server.url("/slow"), clients, max(seconds, 5))
+            out[config.name] = {
+                "label": config.label,
+                "clients": clients,
+                "idle_mb": idle,
+                "loaded_mb": sampler.max_rss,
+                "delta_mb": sampler.max_rss - idle,
+                "rps": figures["rps"],
+                "p50_ms": figures["p50_ms"],
+                "p99_ms": figures["p99_ms"],
+                "errors": figures["errors"],
+                "db_sessions": sampler.max_sessions,
+            }
+        finally:
+            server.stop()
+    return out
 
 
 # -- reporting ---------------------------------------------------------------------------
@@ -628,8 +643,8 @@ def targets(run: Run) -> list[Target]:
                         what, f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})", ours >= need * theirs
                     )
                 )
-    if run.memory:
-        m = run.memory
+    if "gp1" in run.memory:
+        m = run.memory["gp1"]
         out.append(
             Target(
                 f"{m['clients']} in-flight /slow <= 30 MB above idle (1 process)",
@@ -723,14 +738,23 @@ def report(run: Run, env: list[str], started: str) -> str:
         "",
     ]
     if run.memory:
-        m = run.memory
+        clients = next(iter(run.memory.values()))["clients"]
+        rows = [
+            [name, m["label"], f"{m['idle_mb']:.1f}", f"{m['loaded_mb']:.1f}", f"+{m['delta_mb']:.1f}",
+             f"{m['rps']:,.0f}", f"{m['p50_ms']:.0f}", f"{m['p99_ms']:.0f}", str(m["errors"]),
+             str(m["db_sessions"])]
+            for name, m in run.memory.items()
+        ]  # fmt: skip
         parts += [
             "## Memory",
             "",
-            f"One greenpatch process (pool 40), {m['clients']} concurrent `/slow` requests: RSS "
-            f"{m['idle_mb']:.1f} MB warm and idle, {m['loaded_mb']:.1f} MB at most under load "
-            f"(+{m['delta_mb']:.1f} MB); {m['rps']:,.0f} req/s, p99 {m['p99_ms']:.0f} ms, "
-            f"{m['errors']} errors, {m['db_sessions']} MySQL sessions.",
+            f"One process, {clients} concurrent `/slow` requests (RSS of the whole process, MB; idle: "
+            "warm, after a 64-client warm-up):",
+            "",
+            table(
+                ["config", "what", "idle", "loaded", "delta", "req/s", "p99 ms", "errors", "MySQL sessions"],
+                rows,
+            ),
             "",
         ]
     parts += ["## Targets (issue 6)", "", targets_table(targets(run)), ""]
