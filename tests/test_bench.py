@@ -1,0 +1,79 @@
+"""The peer benchmark's own logic (bench/peers.py): reading wrk, choosing what to run.
+
+The benchmark itself is not a test (it needs wrk, gunicorn, gevent...); these
+check the parts whose mistakes would silently publish wrong figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PEERS = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("greenpatch_bench_peers", PEERS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+WRK_OUTPUT = """\
+Running 5s test @ http://127.0.0.1:41234/db
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    25.12ms    5.01ms   1.20s    80.00%
+    Req/Sec     2.50k   100.00     2.60k    70.00%
+  Latency Distribution
+     50%  850.00us
+     75%   27.00ms
+     90%   30.00ms
+     99%    1.20s
+  12650 requests in 5.00s, 2.50MB read
+  Socket errors: connect 0, read 3, write 1, timeout 2
+  Non-2xx or 3xx responses: 4
+Requests/sec:   2530.12
+Transfer/sec:    500.00KB
+"""
+
+
+def test_parse_wrk_reads_rate_latencies_and_every_kind_of_error(peers):
+    figures = peers.parse_wrk(WRK_OUTPUT)
+    assert figures == {"rps": 2530.12, "requests": 12650, "p50_ms": 0.85, "p99_ms": 1200.0, "errors": 10}
+
+
+def test_parse_wrk_without_errors_and_refuses_what_it_cannot_read(peers):
+    lines = WRK_OUTPUT.splitlines()
+    clean = "\n".join(line for line in lines if "errors" not in line and "Non-2xx" not in line)
+    assert peers.parse_wrk(clean)["errors"] == 0
+    with pytest.raises(RuntimeError, match="cannot read wrk"):
+        peers.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+def test_bad_command_line_choices_are_named(peers, capsys):
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--configs", "gp2,nginx"])
+    err = capsys.readouterr().err
+    assert "nginx" in err and "accepted: gp1, gp2, gthread" in err
+    args = peers.parse_args(["--configs", "gp2,gthread", "--scenarios", "slow-256"])
+    assert [c.name for c in args.configs] == ["gp2", "gthread"]
+    assert [(s.path, s.concurrency) for s in args.scenarios] == [("/slow", 256)]
+
+
+def test_greenpatch_configs_serve_without_access_log_and_peers_run_unpatched(peers):
+    gp2 = peers.BY_NAME["gp2"]
+    cmd = gp2.command(8123)
+    assert cmd[1:4] == ["-m", "greenpatch", "serve"] and "--no-access-log" in cmd
+    assert cmd[cmd.index("--processes") + 1] == "2"
+    env = gp2.env({"host": "h", "port": 1, "user": "u", "password": "p"})
+    assert env["BENCH_ENGINE"] == "greenpatch" and env["BENCH_POOL_SIZE"] == "20" and "GREENPATCH" not in env
+    gthread = peers.BY_NAME["gthread"]
+    assert gthread.env({"host": "h", "port": 1, "user": "u", "password": "p"})["GREENPATCH"] == "0"
+    assert "gthread" in gthread.command(8123)
