@@ -154,9 +154,20 @@ def test_clean_wrappers_are_reused_by_later_workers_and_dirty_ones_are_not():
     assert run_green(query) is not dirty, "a wrapper with an execute_wrapper left is not reused"
     assert dirty not in django_db._spares["default"]
 
+    from django.test import override_settings
+
+    def cached_zone():
+        return connections["default"].timezone_name  # a cached_property of the wrapper
+
+    assert run_green(cached_zone) == "UTC"
+    assert django_db._spares["default"]
+    with override_settings(USE_TZ=False, TIME_ZONE="Asia/Tokyo"):
+        assert not django_db._spares.get("default"), "spares are dropped when a setting changes"
+        assert run_green(cached_zone) == "Asia/Tokyo"
+
     stale = run_green(leaves_atomic_open)
     assert stale.in_atomic_block
-    assert stale not in django_db._spares["default"], "a wrapper left inside atomic() is dropped"
+    assert stale not in django_db._spares.get("default", []), "a wrapper left inside atomic() is dropped"
     assert run_green(query) is not stale
     assert green_pool().stats()["in_use"] == 0
 

@@ -83,6 +83,12 @@ def _keep_spare(alias: str, conn: Any) -> None:
         spares.append(conn)
 
 
+def _forget_spares(**kwargs: Any) -> None:
+    # A setting changed (override_settings in tests): spare wrappers may hold
+    # values computed from the old one (e.g. their cached time zone).
+    _spares.clear()
+
+
 def _create_connection(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     if isinstance(hub.getcurrent(), hub.Worker):
         alias = args[0] if args else kwargs["alias"]
@@ -101,6 +107,7 @@ def patch() -> None:
     if is_patched():
         return
     import django.utils.asyncio
+    from django.core.signals import setting_changed
     from django.db import connections
 
     original = connections._connections
@@ -115,6 +122,7 @@ def patch() -> None:
     _state.update(original=original, storage=storage)
     connections._connections = storage
     wrapt.wrap_function_wrapper(connections, "create_connection", _create_connection)
+    setting_changed.connect(_forget_spares, dispatch_uid="greenpatch.django_db.spares")
     wrapt.wrap_function_wrapper(django.utils.asyncio, "get_running_loop", _get_running_loop)
     hub.add_exit_hook(release_connections)
 
@@ -123,12 +131,14 @@ def unpatch() -> None:
     if not is_patched():
         return
     import django.utils.asyncio
+    from django.core.signals import setting_changed
     from django.db import connections
 
     hub.remove_exit_hook(release_connections)
     wrapper = django.utils.asyncio.get_running_loop
     django.utils.asyncio.get_running_loop = wrapper.__wrapped__
     del connections.create_connection  # the instance attribute; the class method shows again
+    setting_changed.disconnect(dispatch_uid="greenpatch.django_db.spares")
     _spares.clear()
     storage = _state.pop("storage")
     original = _state.pop("original")
