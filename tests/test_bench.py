@@ -77,3 +77,43 @@ def test_greenpatch_configs_serve_without_access_log_and_peers_run_unpatched(pee
     gthread = peers.BY_NAME["gthread"]
     assert gthread.env({"host": "h", "port": 1, "user": "u", "password": "p"})["GREENPATCH"] == "0"
     assert "gthread" in gthread.command(8123)
+
+
+def fake_run(peers):
+    """A complete run with made-up figures: gp2 twice as fast as every peer."""
+    run = peers.Run(peers.CONFIGS, peers.SCENARIOS, 2, 5, 1)
+    for rnd in range(2):
+        for c in peers.CONFIGS:
+            for s in peers.SCENARIOS:
+                rps = 1000.0 * (2 if c.greenpatch else 1) + rnd
+                run.results.append(peers.Result(c.name, s.name, rnd, rps, 10.0, 50.0, 5000, 0, 40, 100.0))
+    for name in ("gp1", "gevent-1"):
+        run.memory[name] = {
+            "label": name, "clients": 1000, "idle_mb": 50.0, "loaded_mb": 75.0, "delta_mb": 25.0,
+            "rps": 700.0, "p50_ms": 1400.0, "p99_ms": 2000.0, "errors": 0, "db_sessions": 40,
+        }  # fmt: skip
+    return run
+
+
+def test_report_has_every_table_and_judges_the_targets(peers):
+    run = fake_run(peers)
+    text = peers.report(run, ["machine"], "2026-11-25 10:00 UTC", ["--rounds", "2"])
+    for heading in ("## Results", "## greenpatch / peer", "## Memory", "## Targets (issue 6)"):
+        assert heading in text
+    assert "`python bench/peers.py --rounds 2`" in text
+    targets = {t.what: t.ok for t in peers.targets(run)}
+    assert targets["gp2 /db >= 1.2x gthread"] is True  # 2x
+    assert targets["gp2 /slow c=256 >= 705 req/s, 0 errors"] is True
+    assert targets["1000 in-flight /slow <= 30 MB above idle (1 process)"] is True
+    # The median of rounds 0 and 1 of gp2 /db: (2000 + 2001) / 2.
+    assert peers.median(run, "gp2", "db", "rps") == 2000.5
+    assert "| 2.00x" in text
+
+
+def test_a_saved_run_gives_the_same_report(peers, tmp_path):
+    run = fake_run(peers)
+    path = tmp_path / "run.json"
+    peers.save(str(path), run, ["machine"], "2026-11-25 10:00 UTC", ["--rounds", "2"])
+    loaded, env, started, argv = peers.load(str(path))
+    expected = peers.report(run, ["machine"], started, ["--rounds", "2"])
+    assert peers.report(loaded, env, started, argv) == expected
