@@ -40,7 +40,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import pymysql
 
@@ -421,6 +421,7 @@ class Run:
     warmup: int
     results: list[Result] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    overhead: dict = field(default_factory=dict)  # query_overhead.py's figures
 
 
 class Progress:
@@ -472,8 +473,8 @@ def measure(server: Server, db: dict, scenario: Scenario, run: Run, rnd: int) ->
     )
 
 
-def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int) -> None:
-    total = run.rounds * len(run.configs) * len(run.scenarios) + (1 if memory_clients else 0)
+def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int, overhead_rounds: int) -> None:
+    total = run.rounds * len(run.configs) * len(run.scenarios) + bool(memory_clients) + bool(overhead_rounds)
     progress = Progress(total)
     try:
         for rnd in range(run.rounds):
@@ -492,6 +493,10 @@ def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int) -> None
         if memory_clients:
             progress.describe(f"memory: {memory_clients} in-flight /slow, 1 process")
             run.memory = measure_memory(db, logdir, memory_clients, run.duration)
+            progress.step()
+        if overhead_rounds:
+            progress.describe(f"per-query overhead: query_overhead.py, {overhead_rounds} rounds")
+            run.overhead = measure_query_overhead(db, overhead_rounds, logdir)
             progress.step()
     finally:
         progress.close()
@@ -538,6 +543,20 @@ def measure_memory(db: dict, logdir: Path, clients: int, seconds: int) -> dict:
         finally:
             server.stop()
     return out
+
+
+def measure_query_overhead(db: dict, rounds: int, logdir: Path) -> dict:
+    """Run bench/query_overhead.py (green vs stock PyMySQL, one connection) on the same server."""
+    out = logdir / "query_overhead.json"
+    url = f"mysql://{quote(db['user'])}:{quote(db['password'])}@{db['host']}:{db['port']}/test"
+    cmd = [
+        sys.executable, str(HERE / "query_overhead.py"), "--rounds", str(rounds), "--queries", "500",
+        "--connects", "0", "--idle-workers", "0", "--periodic-ms", "0", "--json", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREENPATCH")}
+    env["GREENPATCH_TEST_DB_URL"] = url
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    return json.loads(out.read_text())
 
 
 # -- reporting ---------------------------------------------------------------------------
@@ -646,6 +665,17 @@ def targets(run: Run) -> list[Target]:
                         what, f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})", ours >= need * theirs
                     )
                 )
+    for kind, label in (("select1", "SELECT 1"), ("pk", "primary-key select")):
+        f = run.overhead.get("figures", {}).get(kind)
+        if f:
+            paired = f["green"]["paired"]
+            out.append(
+                Target(
+                    f"per-query overhead <= 1.1x stock PyMySQL ({label})",
+                    f"{paired:.2f}x ({f['green']['us']:.0f} vs {f['stock']['us']:.0f} us)",
+                    paired <= 1.1,
+                )
+            )
     if "gp1" in run.memory:
         m = run.memory["gp1"]
         measured = f"{m['delta_mb']:.1f} MB ({m['idle_mb']:.0f} -> {m['loaded_mb']:.0f} MB)"
@@ -755,6 +785,23 @@ def report(run: Run, env: list[str], started: str, argv: list[str]) -> str:
             table(MEMORY_HEADER, rows),
             "",
         ]
+    if run.overhead:
+        rows = []
+        for kind, label in (("select1", "`SELECT 1`"), ("pk", "primary-key select")):
+            f = run.overhead["figures"].get(kind)
+            if f:
+                rows.append([label, f"{f['stock']['us']:.1f}", f"{f['green']['us']:.1f}",
+                             f"{f['green']['paired']:.2f}x", f"{f['stock']['cpu_us']:.0f}",
+                             f"{f['green']['cpu_us']:.0f}"])  # fmt: skip
+        parts += [
+            "## Per-query overhead",
+            "",
+            f"`bench/query_overhead.py`, one connection, {run.overhead['rounds']} interleaved rounds of "
+            f"{run.overhead['queries']} queries: stock blocking PyMySQL vs the same inside a worker.",
+            "",
+            table(["query", "stock us", "green us", "paired ratio", "stock CPU us", "green CPU us"], rows),
+            "",
+        ]
     parts += ["## Targets (issue 6)", "", targets_table(targets(run)), ""]
     return "\n".join(parts)
 
@@ -824,6 +871,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1000,
         help="in-flight /slow requests for the memory figure (0: skip it)",
     )
+    parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=21,
+        help="rounds of bench/query_overhead.py for the per-query figure (0: skip it)",
+    )
     parser.add_argument("--out", default=str(HERE / "results.md"), help="Markdown report ('' to skip)")
     parser.add_argument("--chart", default=str(HERE / "results.png"), help="PNG chart ('' to skip)")
     parser.add_argument(
@@ -848,8 +901,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("rounds", "duration"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name}={getattr(args, name)}: use an integer > 0")
-    if args.warmup < 0 or args.memory_clients < 0:
-        parser.error("--warmup and --memory-clients: use an integer >= 0")
+    if args.warmup < 0 or args.memory_clients < 0 or args.overhead_rounds < 0:
+        parser.error("--warmup, --memory-clients and --overhead-rounds: use an integer >= 0")
     return args
 
 
@@ -873,6 +926,7 @@ def save(path: str, run: Run, env: list[str], started: str, argv: list[str]) -> 
         "scenarios": [s.name for s in run.scenarios],
         "results": [r.__dict__ for r in run.results],
         "memory": run.memory,
+        "overhead": run.overhead,
     }
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
@@ -887,6 +941,7 @@ def load(path: str) -> tuple[Run, list[str], str, list[str]]:
         data["warmup"],
         [Result(**r) for r in data["results"]],
         data["memory"],
+        data.get("overhead", {}),
     )
     return run, data["environment"], data["started"], data["argv"]
 
@@ -909,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 env = environment(db)
                 print("\n".join(env), flush=True)
-                run_benchmark(run, db, Path(tmp), args.memory_clients)
+                run_benchmark(run, db, Path(tmp), args.memory_clients, args.overhead_rounds)
             finally:
                 drop_world(db)
         if args.json:

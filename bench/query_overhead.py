@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import random
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PeriodicCallback period in green+periodic (default 1; 0: skip)",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the primary-key sequence (default 1)")
+    parser.add_argument("--json", help="also write the per-query figures here (used by bench/peers.py)")
     args = parser.parse_args(argv)
     if args.queries < 1 or args.rounds < 1 or args.warmup < 0 or args.connects < 0:
         parser.error("--queries and --rounds must be >= 1, --warmup and --connects >= 0")
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
 
         rows = []
+        figures: dict[str, dict[str, dict[str, float]]] = {}
         for name, _ in configs:
             row = [name]
             for kind in kinds:
@@ -388,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = us / median_us(stock_walls, opts.queries)
                 paired = statistics.median(w / s for w, s in zip(walls, stock_walls, strict=True))
                 cpu = median_us([c for _, c in results[(name, kind)]], opts.queries)
+                figures.setdefault(kind, {})[name] = {
+                    "us": us,
+                    "ratio": ratio,
+                    "paired": paired,
+                    "cpu_us": cpu,
+                }
                 row += [
                     f"{us:.1f}",
                     f"{min(walls) / opts.queries * 1e6:.0f}-{max(walls) / opts.queries * 1e6:.0f}",
@@ -418,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             "(config / stock of the same round); cpu: client process CPU per query (includes the kernel's\n"
             "loopback TCP work done in the client's send()/recv()).\n"
         )
+        if opts.json:
+            with open(opts.json, "w") as f:
+                json.dump({"rounds": opts.rounds, "queries": opts.queries, "figures": figures}, f, indent=1)
 
         if connect_times:
             stock_ms = statistics.median(connect_times["stock (unpatched)"]) * 1e3

@@ -92,6 +92,15 @@ def fake_run(peers):
             "label": name, "clients": 1000, "idle_mb": 50.0, "loaded_mb": 75.0, "delta_mb": 25.0,
             "rps": 700.0, "p50_ms": 1400.0, "p99_ms": 2000.0, "errors": 0, "db_sessions": 40,
         }  # fmt: skip
+    stock = {"us": 100.0, "ratio": 1.0, "paired": 1.0, "cpu_us": 90.0}
+    run.overhead = {
+        "rounds": 21,
+        "queries": 500,
+        "figures": {
+            "select1": {"stock": stock, "green": {"us": 105.0, "ratio": 1.05, "paired": 1.04, "cpu_us": 99}},
+            "pk": {"stock": stock, "green": {"us": 125.0, "ratio": 1.25, "paired": 1.2, "cpu_us": 120.0}},
+        },
+    }
     return run
 
 
@@ -105,6 +114,9 @@ def test_report_has_every_table_and_judges_the_targets(peers):
     assert targets["gp2 /db >= 1.2x gthread"] is True  # 2x
     assert targets["gp2 /slow c=256 >= 705 req/s, 0 errors"] is True
     assert targets["1000 in-flight /slow <= 30 MB above idle (1 process)"] is True
+    assert targets["per-query overhead <= 1.1x stock PyMySQL (SELECT 1)"] is True
+    assert targets["per-query overhead <= 1.1x stock PyMySQL (primary-key select)"] is False
+    assert "## Per-query overhead" in text and "| 1.04x" in text
     # The median of rounds 0 and 1 of gp2 /db: (2000 + 2001) / 2.
     assert peers.median(run, "gp2", "db", "rps") == 2000.5
     assert "| 2.00x" in text
