@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -394,7 +395,7 @@ def create_world(db: dict) -> None:
                 f"CREATE TABLE `{DB_NAME}`.World (id INT PRIMARY KEY AUTO_INCREMENT,"
                 " randomnumber INT NOT NULL) ENGINE=InnoDB"
             )
-            rng = __import__("random").Random(1)
+            rng = random.Random(1)
             rows = [(i, rng.randint(1, ROWS)) for i in range(1, ROWS + 1)]
             cur.executemany(f"INSERT INTO `{DB_NAME}`.World (id, randomnumber) VALUES (%s, %s)", rows)
     finally:
