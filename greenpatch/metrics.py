@@ -20,6 +20,7 @@ sharing a name are added up):
 ``greenpatch_pool_in_use``                   gauge   checked-out connections
 ``greenpatch_pool_connecting``               gauge   connects in progress
 ``greenpatch_pool_waiting``                  gauge   callers waiting for a connection
+``greenpatch_pool_cancelling``               gauge   extra connections killing cut connections' queries
 ``greenpatch_pool_connects_total``           counter connections opened
 ``greenpatch_pool_connect_errors_total``     counter failed connects
 ``greenpatch_pool_checkouts_total``          counter checkouts
@@ -70,6 +71,7 @@ _GAUGES = (
     ("in_use", "Connections checked out of the pool"),
     ("connecting", "Connects in progress for the pool"),
     ("waiting", "Callers waiting for a connection of the pool"),
+    ("cancelling", "Extra connections cancelling the server-side queries of cut ones"),
 )
 _COUNTERS = (
     ("connects", "Connections the pool opened"),

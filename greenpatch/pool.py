@@ -75,6 +75,10 @@ _COM_RESET_CONNECTION = 0x1F
 # pymysql.constants.ER.NO_SUCH_THREAD ("Unknown thread id")
 _ER_NO_SUCH_THREAD = 1094
 
+#: Seconds the pool waits before it KILLs the statement of a connection cut
+#: mid-query (it lets short statements end by themselves).
+CANCEL_GRACE = 0.1
+
 # Connections of a parent process seen by a forked child. They stay
 # referenced here for the life of the child so that no finalizer (PyMySQL's
 # ``__del__`` closes its socket) ever touches the descriptors it shares with
@@ -873,12 +877,12 @@ class Pool:
 
         When the server may still be working for the connection (see
         `ConnectionOps.orphaned_work`), a short-lived extra connection,
-        outside ``max_size``, cancels that work. Its slot is not kept
+        outside ``max_size``, cancels that work after `CANCEL_GRACE`. Its slot is not kept
         reserved meanwhile: MariaDB's ``KILL`` can take up to 2 s (it retries
         a lock the victim may hold), and a burst of disconnects under
-        overload must not starve the pool. At most ``max_size`` such
-        connections exist at once, since only checked-out connections are
-        ever cut.
+        overload must not starve the pool. There is one such connection per
+        cut connection, for as long as its ``KILL`` takes (``cancelling`` in
+        `stats`).
         """
         work = None
         try:
@@ -907,6 +911,14 @@ class Pool:
 
         def cancel() -> None:
             try:
+                # Most cut statements are short and end by themselves within
+                # the grace; their sessions then see the closed socket and go.
+                # KILLing them anyway is not free: a burst of KILLs was seen to
+                # stall other sessions' SLEEP() on MariaDB for 2 s.
+                if hub.is_worker():
+                    hub.sleep(CANCEL_GRACE)
+                else:
+                    time.sleep(CANCEL_GRACE)
                 conn = self._connect()
                 try:
                     self.ops.cancel_orphaned_work(conn, work)

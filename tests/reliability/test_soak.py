@@ -117,7 +117,11 @@ def test_soak_mixed_requests_stay_flat(db_server, start_server):
 
     for round_no in range(ROUNDS):
         Threads(CLIENTS, lambda i, r=round_no: client_loop(r, i)).start().join(timeout=300)
-        pool = server.wait_pool(lambda p: p["in_use"] == 0 and p["waiting"] == 0, timeout=10)
+        # Quiet: no request in flight, and the KILLs of cut queries (a worker
+        # each, for CANCEL_GRACE and the KILL) are done.
+        pool = server.wait_pool(
+            lambda p: p["in_use"] == 0 and p["waiting"] == 0 and p["cancelling"] == 0, timeout=10
+        )
         stats = server.stats(gc=True)
         samples.append(
             {
