@@ -815,15 +815,18 @@ def chart(run: Run, path: Path) -> None:
 
     scenarios = run.scenarios
     configs = run.configs
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.2 * len(scenarios), 4.2))
-    if len(scenarios) == 1:
-        axes = [axes]
+    cols = min(3, len(scenarios))
+    rows = -(-len(scenarios) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(scenarios) :]:
+        ax.set_visible(False)
     colors = plt.get_cmap("tab10").colors
-    for ax, s in zip(axes, scenarios, strict=True):
+    for ax, s in zip(axes, scenarios, strict=False):
         values = [median(run, c.name, s.name, "rps") or 0 for c in configs]
         bars = ax.bar(range(len(configs)), values, color=[colors[i % 10] for i in range(len(configs))])
-        ax.set_title(f"{s.path}\nc={s.concurrency}", fontsize=9)
-        ax.set_xticks(range(len(configs)), [c.name for c in configs], rotation=60, fontsize=8)
+        ax.set_title(f"{s.path}  c={s.concurrency}", fontsize=9)
+        ax.set_xticks(range(len(configs)), [c.name for c in configs], rotation=45, fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
         for bar, c in zip(bars, configs, strict=True):
             p99 = median(run, c.name, s.name, "p99_ms")
@@ -835,8 +838,9 @@ def chart(run: Run, path: Path) -> None:
                     va="bottom",
                     fontsize=6,
                 )
-    axes[0].set_ylabel("requests/s (median); label: p99 ms")
-    fig.suptitle("greenpatch vs peers (bench/peers.py)", fontsize=11)
+    for row in grid:
+        row[0].set_ylabel("requests/s (median)", fontsize=8)
+    fig.suptitle("greenpatch vs peers (bench/peers.py); the number on a bar: p99 latency, ms", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
