@@ -877,12 +877,12 @@ class Pool:
 
         When the server may still be working for the connection (see
         `ConnectionOps.orphaned_work`), a short-lived extra connection,
-        outside ``max_size``, cancels that work after `CANCEL_GRACE`. Its slot is not kept
-        reserved meanwhile: MariaDB's ``KILL`` can take up to 2 s (it retries
-        a lock the victim may hold), and a burst of disconnects under
-        overload must not starve the pool. There is one such connection per
-        cut connection, for as long as its ``KILL`` takes (``cancelling`` in
-        `stats`).
+        outside ``max_size``, cancels that work after `CANCEL_GRACE`. The
+        slot is not kept reserved meanwhile: MariaDB's ``KILL`` can take up
+        to 2 s (it retries a lock the victim may hold), and a burst of
+        disconnects under overload must not starve the pool. There is one
+        such connection per cut connection, for as long as its ``KILL``
+        takes (``cancelling`` in `stats`).
         """
         work = None
         try:
