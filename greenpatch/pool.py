@@ -907,6 +907,9 @@ class Pool:
             self._cancel_orphaned_work(work)
 
     def _cancel_orphaned_work(self, work: Any) -> None:
+        # The canceller holds the pool weakly: a retired pool is not kept
+        # alive by a canceller whose loop stopped before it could run.
+        ref = weakref.ref(self)
         pid = self._pid
 
         def cancel() -> None:
@@ -919,27 +922,15 @@ class Pool:
                     hub.sleep(CANCEL_GRACE)
                 else:
                     time.sleep(CANCEL_GRACE)
-                conn = self._connect()
-                try:
-                    self.ops.cancel_orphaned_work(conn, work)
-                finally:
-                    self.ops.close(conn)
-            except Exception as e:
-                log.warning(
-                    "pool %r: could not cancel the server-side work (%r) of a connection cut "
-                    "mid-request: %s",
-                    self.name,
-                    work,
-                    e,
-                )
-            else:
-                with self._lock:
-                    self._cancels += 1
-                log.debug("pool %r: cancelled the server-side work %r of a cut connection", self.name, work)
+                pool = ref()
+                if pool is not None:
+                    pool._send_cancel(work)
             finally:
-                with self._lock:
-                    if self._pid == pid:
-                        self._cancelling -= 1
+                pool = ref()
+                if pool is not None:
+                    with pool._lock:
+                        if pool._pid == pid:
+                            pool._cancelling -= 1
 
         # Not in the caller, which may be a worker being killed. A worker's
         # connection is cancelled from a new worker on the same loop: a thread
@@ -951,6 +942,26 @@ class Pool:
                 hub.start_worker(cancel)
                 return
         threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
+
+    def _send_cancel(self, work: Any) -> None:
+        """Open a connection and cancel ``work`` with it; never raises `Exception`."""
+        try:
+            conn = self._connect()
+            try:
+                self.ops.cancel_orphaned_work(conn, work)
+            finally:
+                self.ops.close(conn)
+        except Exception as e:
+            log.warning(
+                "pool %r: could not cancel the server-side work (%r) of a connection cut mid-request: %s",
+                self.name,
+                work,
+                e,
+            )
+            return
+        with self._lock:
+            self._cancels += 1
+        log.debug("pool %r: cancelled the server-side work %r of a cut connection", self.name, work)
 
     def _close_all(self, records: list[_Record]) -> None:
         for rec in records:

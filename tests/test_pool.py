@@ -807,6 +807,26 @@ def test_cancelling_does_not_hold_the_slot(scratch_db, patched):
     assert sessions <= 2  # admin + max_size
 
 
+def test_a_canceller_that_never_runs_does_not_keep_its_pool_alive(scratch_db, patched):
+    # run_green's loop stops right after the cut, before the canceller's
+    # grace is over: the parked canceller must not pin the (closed) pool.
+    import weakref
+
+    pool = Pool(lambda: pymysql.connect(**scratch_db, read_timeout=0.2), name="dropped", max_size=1)
+
+    def cut(p):
+        with contextlib.suppress(pymysql.err.OperationalError), p.connection() as conn:
+            scalar(conn, "SELECT SLEEP(30)")
+        return p.stats()["cancelling"]
+
+    assert run_green(cut, pool) == 1
+    pool.close()
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+
+
 def test_kill_is_skipped_when_the_server_restarted_since(db):
     # Thread ids grow for the life of a server; a fresh connection with a
     # smaller id than the cut one means a restart, and the id may be reused.
