@@ -41,11 +41,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote
 
 import pymysql
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # for query_overhead, when loaded by path (tests)
+    sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 APP_DIR = HERE / "tfb"
 DB_NAME = "gp_peers"
@@ -354,23 +356,20 @@ class Server:
 # -- database --------------------------------------------------------------------------
 
 
-def parse_db_url(url: str) -> dict:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mysql", "mariadb"):
-        raise SystemExit(f"--db-url {url!r}: use mysql://user:password@host:port")
-    return {
-        "host": parsed.hostname or "127.0.0.1",
-        "port": parsed.port or 3306,
-        "user": unquote(parsed.username or "root"),
-        "password": unquote(parsed.password or ""),
-    }
+def server_params(url: str) -> dict:
+    """host, port, user and password of ``--db-url`` (its database, if any, is not used)."""
+    from query_overhead import parse_db_url  # bench/ is on sys.path (see the top)
+
+    params = parse_db_url(url, setting="--db-url")
+    del params["database"]
+    return params
 
 
 @contextlib.contextmanager
 def database(url: str | None):
     """Connection params of the server to use; a private mariadbd unless ``url``."""
     if url:
-        yield parse_db_url(url)
+        yield server_params(url)
         return
     sys.path.insert(0, str(ROOT / "tests"))
     from private_mariadb import PrivateMariaDB
@@ -425,35 +424,6 @@ class Run:
     overhead: dict = field(default_factory=dict)  # query_overhead.py's figures
 
 
-class Progress:
-    """A progress bar on stderr (tqdm when installed, a plain line otherwise)."""
-
-    def __init__(self, total: int) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-            self.total, self.done = total, 0
-        else:
-            self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
-
-    def describe(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(text)
-        else:
-            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-        else:
-            self.done += 1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def measure(server: Server, db: dict, scenario: Scenario, run: Run, rnd: int) -> Result:
     url = server.url(scenario.path)
     if run.warmup:
@@ -476,29 +446,33 @@ def measure(server: Server, db: dict, scenario: Scenario, run: Run, rnd: int) ->
 
 def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int, overhead_rounds: int) -> None:
     total = run.rounds * len(run.configs) * len(run.scenarios) + bool(memory_clients) + bool(overhead_rounds)
-    progress = Progress(total)
+    from tqdm import tqdm
+
+    progress = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
     try:
         for rnd in range(run.rounds):
             order = run.configs if rnd % 2 == 0 else run.configs[::-1]
             for config in order:
-                progress.describe(f"round {rnd + 1}/{run.rounds} {config.name}: starting")
+                progress.set_description(f"round {rnd + 1}/{run.rounds} {config.name}: starting")
                 server = Server(config, db, logdir)
                 try:
                     server.wait_ready()
                     for scenario in run.scenarios:
-                        progress.describe(f"round {rnd + 1}/{run.rounds} {config.name} {scenario.name}")
+                        progress.set_description(
+                            f"round {rnd + 1}/{run.rounds} {config.name} {scenario.name}"
+                        )
                         run.results.append(measure(server, db, scenario, run, rnd))
-                        progress.step()
+                        progress.update(1)
                 finally:
                     server.stop()
         if memory_clients:
-            progress.describe(f"memory: {memory_clients} in-flight /slow, 1 process")
+            progress.set_description(f"memory: {memory_clients} in-flight /slow, 1 process")
             run.memory = measure_memory(db, logdir, memory_clients, run.duration)
-            progress.step()
+            progress.update(1)
         if overhead_rounds:
-            progress.describe(f"per-query overhead: query_overhead.py, {overhead_rounds} rounds")
+            progress.set_description(f"per-query overhead: query_overhead.py, {overhead_rounds} rounds")
             run.overhead = measure_query_overhead(db, overhead_rounds, logdir)
-            progress.step()
+            progress.update(1)
     finally:
         progress.close()
 

@@ -49,20 +49,28 @@ TABLE_ROWS = 10_000
 PK_SQL = "SELECT id, name, value FROM bench_pk WHERE id = %s"
 
 
-def db_params() -> dict:
-    """Connection arguments from GREENPATCH_TEST_DB_URL (as tests/conftest.py)."""
-    url = urlparse(os.environ.get("GREENPATCH_TEST_DB_URL", DEFAULT_URL))
-    if url.scheme not in ("mysql", "mariadb"):
+def parse_db_url(url: str, setting: str = "GREENPATCH_TEST_DB_URL") -> dict:
+    """Connection arguments from a ``mysql://user:pass@host:port/db`` URL (as tests/conftest.py).
+
+    ``setting`` names where the URL came from, for the error message.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mysql", "mariadb"):
         raise SystemExit(
-            f"GREENPATCH_TEST_DB_URL scheme {url.scheme!r} unsupported; use mysql://user:pass@host:port/db"
+            f"{setting}: scheme {parsed.scheme!r} unsupported; use mysql://user:pass@host:port/db"
         )
     return {
-        "host": url.hostname or "127.0.0.1",
-        "port": url.port or 3306,
-        "user": unquote(url.username or "root"),
-        "password": unquote(url.password or ""),
-        "database": (url.path or "/test").lstrip("/") or "test",
+        "host": parsed.hostname or "127.0.0.1",
+        "port": parsed.port or 3306,
+        "user": unquote(parsed.username or "root"),
+        "password": unquote(parsed.password or ""),
+        "database": (parsed.path or "/test").lstrip("/") or "test",
     }
+
+
+def db_params() -> dict:
+    """Connection arguments from GREENPATCH_TEST_DB_URL."""
+    return parse_db_url(os.environ.get("GREENPATCH_TEST_DB_URL", DEFAULT_URL))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -129,3 +129,14 @@ def test_a_saved_run_gives_the_same_report(peers, tmp_path):
     loaded, env, started, argv = peers.load(str(path))
     expected = peers.report(run, ["machine"], started, ["--rounds", "2"])
     assert peers.report(loaded, env, started, argv) == expected
+
+
+def test_db_url_is_parsed_by_the_shared_helper_and_errors_name_the_option(peers):
+    assert peers.server_params("mysql://app:p%40ss@db.example:3307/ignored") == {
+        "host": "db.example",
+        "port": 3307,
+        "user": "app",
+        "password": "p@ss",
+    }
+    with pytest.raises(SystemExit, match="--db-url: scheme 'postgres' unsupported"):
+        peers.server_params("postgres://x@h/db")
