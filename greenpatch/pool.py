@@ -51,6 +51,7 @@ import pymysql.err
 from tornado.ioloop import IOLoop
 
 from greenpatch import hub
+from greenpatch.patches.pymysql import green_socket_of
 
 __all__ = [
     "ConnectionOps",
@@ -246,7 +247,7 @@ class PyMySQLOps(ConnectionOps):
         # The server thread id of a green connection whose GreenSocket was
         # cut mid-operation. Connections with PyMySQL's own socket are not
         # tracked (their timeouts behave as without greenpatch).
-        sock = getattr(conn, "_greenpatch_socket", None)
+        sock = green_socket_of(conn)
         thread_id = getattr(conn, "server_thread_id", None)
         if sock is None or not sock.cut or not thread_id:
             return None

@@ -71,11 +71,18 @@ def _connect(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     ctx = getattr(instance, "ctx", None)
     if ctx is not None and not isinstance(ctx, _GreenTLSContext):
         instance.ctx = _GreenTLSContext(ctx)
-    # PyMySQL drops its reference (``_sock = None``) when a read fails; the
-    # pool still needs to know whether *this side* cut the connection
-    # mid-query (GreenSocket.cut) to cancel the query on the server.
-    instance._greenpatch_socket = sock
+    instance._greenpatch_socket = sock  # see green_socket_of()
     return wrapped(sock=sock)
+
+
+def green_socket_of(conn: Any) -> GreenSocket | None:
+    """The `GreenSocket` a PyMySQL connection was opened with in a worker, or None.
+
+    Still there after PyMySQL dropped its own reference (``_sock = None``,
+    when a read failed): the pool asks it whether *this side* cut the
+    connection mid-query (`GreenSocket.cut`) to cancel the query on the server.
+    """
+    return getattr(conn, "_greenpatch_socket", None)
 
 
 def _create_ssl_ctx(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -147,4 +154,4 @@ def is_patched() -> bool:
     return isinstance(mod.Connection.__dict__.get("connect"), wrapt.FunctionWrapper)
 
 
-__all__ = ["TARGET", "is_patched", "patch", "unpatch"]
+__all__ = ["TARGET", "green_socket_of", "is_patched", "patch", "unpatch"]
