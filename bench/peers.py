@@ -8,7 +8,10 @@ run after a warm-up, and the tables report medians over rounds.
 
 For every configuration and scenario: requests/s, p50/p99 latency, errors
 (non-2xx answers and socket errors), the most MySQL sessions the app held
-(sampled server-side) and the server's RSS (all its processes, sampled).
+(sampled server-side), the server's RSS (all its processes, sampled), and
+CPU time per request of the server (all its processes) and of ``mariadbd``:
+on a shared machine req/s move with whatever else runs, CPU per request much
+less.
 Then greenpatch's memory for 1,000 in-flight ``/slow`` requests, the
 targets of issue 6 with PASS/MISS, ``bench/results.md`` and a PNG chart.
 
@@ -187,6 +190,8 @@ class Result:
     errors: int
     db_sessions: int
     rss_mb: float
+    cpu_us: float | None = None  # server CPU time per request (all its processes)
+    db_cpu_us: float | None = None  # mariadbd CPU time per request (None: pid unknown)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -272,14 +277,53 @@ def rss_mb(root: int) -> float:
     return total / 1024
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes ``pids`` (all their threads) used so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICKS
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` (of this machine), if it can be seen."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) in inodes:
+                        return int(entry.name)
+    return None
+
+
 class Sampler:
-    """Samples the server's RSS and the app's MySQL sessions while a run lasts."""
+    """Samples the server's RSS and the app's MySQL sessions while a run lasts,
+    and takes the CPU time of the server and of the database server."""
 
     def __init__(self, pid: int, db: dict, interval: float = 0.1) -> None:
         self.pid, self.interval = pid, interval
-        self.conn = pymysql.connect(**{**db, "database": None}, autocommit=True)
+        self.db_pid = db.get("pid")
+        self.conn = pymysql.connect(**connect_params(db), database=None, autocommit=True)
         self.max_rss = 0.0
         self.max_sessions = 0
+        self.cpu = 0.0
+        self.db_cpu: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -291,11 +335,20 @@ class Sampler:
                 self.max_rss = max(self.max_rss, rss_mb(self.pid))
                 self._stop.wait(self.interval)
 
+    def _cpu(self) -> tuple[float, float | None]:
+        db = cpu_seconds([self.db_pid]) if self.db_pid else None
+        return cpu_seconds(process_tree(self.pid)), db
+
     def __enter__(self) -> Sampler:
+        self._cpu0 = self._cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        cpu, db_cpu = self._cpu()
+        self.cpu = cpu - self._cpu0[0]
+        if db_cpu is not None and self._cpu0[1] is not None:
+            self.db_cpu = db_cpu - self._cpu0[1]
         self._stop.set()
         self._thread.join()
         self.conn.close()
@@ -365,11 +418,19 @@ def server_params(url: str) -> dict:
     return params
 
 
+def connect_params(db: dict) -> dict:
+    """What `pymysql.connect` takes of a `database` dict."""
+    return {k: db[k] for k in ("host", "port", "user", "password")}
+
+
 @contextlib.contextmanager
 def database(url: str | None):
-    """Connection params of the server to use; a private mariadbd unless ``url``."""
+    """Connection params of the server to use, and its ``pid`` when it runs on
+    this machine (None if not seen); a private mariadbd unless ``url``."""
     if url:
-        yield server_params(url)
+        params = server_params(url)
+        local = params["host"] in ("127.0.0.1", "localhost", "::1")
+        yield {**params, "pid": listening_pid(params["port"]) if local else None}
         return
     sys.path.insert(0, str(ROOT / "tests"))
     from private_mariadb import PrivateMariaDB
@@ -380,12 +441,11 @@ def database(url: str | None):
         innodb_log_file_size="64M",
         thread_cache_size=256,
     ) as server:
-        params = server.params
-        yield {k: params[k] for k in ("host", "port", "user", "password")}
+        yield {**connect_params(server.params), "pid": server.pid}
 
 
 def create_world(db: dict) -> None:
-    conn = pymysql.connect(**db, autocommit=True)
+    conn = pymysql.connect(**connect_params(db), autocommit=True)
     try:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
@@ -403,7 +463,7 @@ def create_world(db: dict) -> None:
 
 def drop_world(db: dict) -> None:
     with contextlib.suppress(pymysql.MySQLError):
-        conn = pymysql.connect(**db, autocommit=True)
+        conn = pymysql.connect(**connect_params(db), autocommit=True)
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
         conn.close()
@@ -441,7 +501,15 @@ def measure(server: Server, db: dict, scenario: Scenario, run: Run, rnd: int) ->
         figures["errors"],
         sampler.max_sessions,
         sampler.max_rss,
+        *per_request(figures["requests"], sampler.cpu, sampler.db_cpu),
     )
+
+
+def per_request(requests: int, cpu: float, db_cpu: float | None) -> tuple[float | None, float | None]:
+    """CPU seconds of the server and of the database as microseconds per request."""
+    if not requests:
+        return None, None
+    return cpu / requests * 1e6, None if db_cpu is None else db_cpu / requests * 1e6
 
 
 def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int, overhead_rounds: int) -> None:
@@ -538,7 +606,12 @@ def measure_query_overhead(db: dict, rounds: int, logdir: Path) -> dict:
 
 
 def median(run: Run, config: str, scenario: str, attr: str) -> float | None:
-    values = [getattr(r, attr) for r in run.results if r.config == config and r.scenario == scenario]
+    """Median over rounds (rounds without the figure, e.g. an older run's JSON, left out)."""
+    values = [
+        v
+        for r in run.results
+        if r.config == config and r.scenario == scenario and (v := getattr(r, attr)) is not None
+    ]
     return statistics.median(values) if values else None
 
 
@@ -557,7 +630,13 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(run: Run) -> str:
-    header = ["scenario", "config", "req/s", "p50 ms", "p99 ms", "errors", "MySQL sessions", "RSS MB"]
+    header = ["scenario", "config", "req/s", "p50 ms", "p99 ms", "errors", "MySQL sessions", "RSS MB",
+              "CPU us/req", "DB CPU us/req"]  # fmt: skip
+
+    def us(config: str, scenario: str, attr: str) -> str:
+        value = median(run, config, scenario, attr)
+        return "-" if value is None else f"{value:,.0f}"
+
     rows = []
     for s in run.scenarios:
         for c in run.configs:
@@ -574,6 +653,8 @@ def results_table(run: Run) -> str:
                     str(total_errors(run, c.name, s.name)),
                     f"{median(run, c.name, s.name, 'db_sessions'):.0f}",
                     f"{median(run, c.name, s.name, 'rss_mb'):.0f}",
+                    us(c.name, s.name, "cpu_us"),
+                    us(c.name, s.name, "db_cpu_us"),
                 ]
             )
     return table(header, rows)
@@ -673,7 +754,7 @@ def environment(db: dict) -> list[str]:
         except metadata.PackageNotFoundError:
             return "-"
 
-    conn = pymysql.connect(**db)
+    conn = pymysql.connect(**connect_params(db))
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT VERSION()")
@@ -735,6 +816,10 @@ def report(run: Run, env: list[str], started: str, argv: list[str]) -> str:
         cfgs,
         "",
         "## Results",
+        "",
+        "CPU us/req: CPU time (user + system) of the server's processes during the measurement, per "
+        "request served; DB CPU us/req: the same for `mariadbd`. Unlike req/s, these barely move with "
+        "what else the machine runs.",
         "",
         results_table(run),
         "",

@@ -140,3 +140,40 @@ def test_db_url_is_parsed_by_the_shared_helper_and_errors_name_the_option(peers)
     }
     with pytest.raises(SystemExit, match="--db-url: scheme 'postgres' unsupported"):
         peers.server_params("postgres://x@h/db")
+
+
+def test_cpu_time_is_read_per_process_tree_and_reported_per_request(peers):
+    import os
+    import time
+
+    before = peers.cpu_seconds([os.getpid()])
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    assert peers.cpu_seconds([os.getpid()]) - before >= 0.2
+    assert peers.cpu_seconds([]) == 0.0
+    assert peers.per_request(4000, 2.0, 0.4) == (500.0, 100.0)
+    assert peers.per_request(4000, 2.0, None) == (500.0, None)
+    assert peers.per_request(0, 2.0, 0.4) == (None, None)
+
+
+def test_the_database_process_is_found_by_its_listening_port(peers):
+    import os
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert peers.listening_pid(port) == os.getpid()
+    assert peers.listening_pid(port) is None  # closed: nobody listens
+
+
+def test_cpu_columns_show_medians_and_a_dash_for_runs_without_them(peers):
+    run = peers.Run([peers.BY_NAME["gp2"], peers.BY_NAME["gthread"]], [peers.SCENARIO_BY_NAME["db"]], 3, 5, 1)
+    for rnd, cpu in enumerate((400.0, 900.0, 500.0)):
+        run.results.append(peers.Result("gp2", "db", rnd, 2000.0, 20.0, 60.0, 10000, 0, 40, 120.0, cpu, 80.0))
+        run.results.append(peers.Result("gthread", "db", rnd, 1800.0, 25.0, 60.0, 9000, 0, 32, 140.0))
+    rows = {line.split("|")[2].strip(): line for line in peers.results_table(run).splitlines()[2:]}
+    assert rows["gp2"].rstrip(" |").endswith("| 500        | 80")
+    assert rows["gthread"].rstrip(" |").endswith("| -          | -")
