@@ -48,7 +48,7 @@ log = logging.getLogger("greenpatch.socket")
 # Read buffer of makefile("rb"): one per connection (socket.makefile: 8 KiB).
 _BUFFER_SIZE = 64 * 1024
 
-_Worker = hub.Worker
+_WorkerGreenlet = hub.WorkerGreenlet
 _getcurrent = hub.getcurrent
 
 
@@ -185,7 +185,7 @@ class GreenSocket:
     def _wait(self, sock: _socket.socket, write: bool) -> None:
         """Wait until ``sock`` is ready; on timeout or any failure, close."""
         try:
-            if isinstance(_getcurrent(), _Worker):
+            if isinstance(_getcurrent(), _WorkerGreenlet):
                 hub.wait_fd(sock.fileno(), write, self._timeout, owner=self)
             else:
                 fd = sock.fileno()

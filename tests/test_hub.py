@@ -245,3 +245,108 @@ def test_one_hub_per_thread():
     for t in threads:
         t.join()
     assert len(set(results.values())) == 3
+
+
+# -- worker greenlets are reused ------------------------------------------------
+
+
+def test_a_worker_greenlet_runs_the_next_worker_and_hands_it_nothing():
+    import contextvars
+
+    from greenpatch.local import GreenletLocal
+
+    request_id = contextvars.ContextVar("request_id", default=None)
+    local = GreenletLocal()
+
+    def first():
+        request_id.set("first")
+        local.user = "alice"
+        greenpatch.sleep(0)  # parks and resumes in the same greenlet
+        return greenlet.getcurrent(), greenpatch.current_worker()
+
+    def second():
+        return (
+            greenlet.getcurrent(),
+            greenpatch.current_worker(),
+            request_id.get(),
+            getattr(local, "user", None),
+        )
+
+    async def main():
+        a = await greenpatch.spawn(first)
+        b = await greenpatch.spawn(second)
+        return a, b
+
+    (g1, w1), (g2, w2, seen_id, seen_user) = run_loop(main)
+    assert g1 is g2  # the same greenlet...
+    assert isinstance(g1, hub.WorkerGreenlet)
+    assert w1 is not w2 and w1.dead and w2.dead  # ...ran two distinct workers
+    assert seen_id is None and seen_user is None  # nothing of the first leaked into the second
+
+
+def test_a_stale_kill_does_not_reach_the_next_worker_on_the_same_greenlet():
+    def quick():
+        return greenlet.getcurrent()
+
+    def sleeper():
+        greenpatch.sleep(0.05)
+        return greenlet.getcurrent()
+
+    async def main():
+        done = hub.start_worker(quick)
+        g1 = await done.future
+        later = hub.start_worker(sleeper)
+        done.kill()  # the first worker ended long ago: nothing happens
+        IOLoop.current().add_callback(done.kill)
+        return g1, await later.future, later
+
+    g1, g2, later = run_loop(main)
+    assert g1 is g2 and later.dead and not later.future.cancelled()
+
+
+def test_a_killed_workers_greenlet_is_not_reused():
+    def victim():
+        greenpatch.sleep(5)
+
+    async def main():
+        worker = hub.start_worker(victim)
+        await asyncio.sleep(0.01)
+        carrier = worker._greenlet
+        worker.kill()
+        after = await greenpatch.spawn(greenlet.getcurrent)
+        return worker, carrier, after
+
+    worker, carrier, after = run_loop(main)
+    assert worker.dead and worker.future.cancelled()
+    assert carrier.dead and after is not carrier
+
+
+def test_idle_worker_greenlets_are_bounded_per_thread(monkeypatch):
+    monkeypatch.setattr(hub, "IDLE_GREENLETS", 3)
+
+    def parked():
+        greenpatch.sleep(0.01)
+        return greenlet.getcurrent()
+
+    async def main():
+        hub._idle_greenlets().clear()
+        carriers = await asyncio.gather(*[greenpatch.spawn(parked) for _ in range(10)])
+        return carriers, list(hub._idle_greenlets())
+
+    carriers, idle = run_loop(main)
+    assert len(set(carriers)) == 10  # all ran at once, each in its own greenlet
+    assert len(idle) == 3 and all(not g.dead for g in idle)
+    assert sum(g.dead for g in carriers) == 7  # the rest ended
+
+
+def test_failing_workers_leave_their_greenlet_reusable():
+    def fails():
+        raise ValueError(greenlet.getcurrent())
+
+    async def main():
+        with pytest.raises(ValueError) as info:
+            await greenpatch.spawn(fails)
+        return info.value.args[0], await greenpatch.spawn(greenlet.getcurrent)
+
+    g1, g2 = run_loop(main)
+    assert g1 is g2

@@ -20,7 +20,7 @@ TARGET = "asgiref.sync"
 
 
 def _call(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    if not isinstance(hub.getcurrent(), hub.Worker):
+    if not isinstance(hub.getcurrent(), hub.WorkerGreenlet):
         return wrapped(*args, **kwargs)
     return hub.wait(instance.awaitable(*args, **kwargs))
 

@@ -39,17 +39,20 @@ _spares: dict[str, list[Any]] = {}
 
 
 def _get_running_loop(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    if isinstance(hub.getcurrent(), hub.Worker):
+    if isinstance(hub.getcurrent(), hub.WorkerGreenlet):
         raise RuntimeError("no running event loop in a greenpatch worker")
     return wrapped(*args, **kwargs)
 
 
 def release_connections(worker: Any = None) -> None:
-    """Close (return to their pool) the Django connections a greenlet holds."""
+    """Close (return to their pool) the Django connections the current greenlet holds.
+
+    A worker exit hook: it runs inside the worker's greenlet as it ends.
+    """
     storage = _state.get("storage")
     if storage is None:
         return
-    for alias, conn in storage.items(worker):
+    for alias, conn in storage.items():
         try:
             conn.close()
         except Exception:
@@ -59,7 +62,7 @@ def release_connections(worker: Any = None) -> None:
             pooling.discard_raw(conn, "close_failed")
         else:
             _keep_spare(alias, conn)
-    storage.clear(worker)
+    storage.clear()
 
 
 def _is_clean(conn: Any) -> bool:
@@ -90,7 +93,7 @@ def _forget_spares(**kwargs: Any) -> None:
 
 
 def _create_connection(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    if isinstance(hub.getcurrent(), hub.Worker):
+    if isinstance(hub.getcurrent(), hub.WorkerGreenlet):
         alias = args[0] if args else kwargs["alias"]
         spares = _spares.get(alias)
         if spares:
