@@ -30,7 +30,6 @@ reused).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import threading
@@ -169,34 +168,6 @@ class Worker:
         self._greenlet = carrier
         carrier.switch()
 
-    def _execute(self, carrier: WorkerGreenlet) -> bool:
-        """Run the function in ``carrier`` (the current greenlet); True if killed."""
-        future = self.future
-        fn, args, kwargs = self.fn, self.args, self.kwargs
-        # Drop references early: the future may outlive the worker.
-        self.fn = self.args = self.kwargs = None
-        try:
-            result = contextvars.Context().run(_call_and_exit, self, fn, args, kwargs)
-        except GreenletExit:
-            if not future.done():
-                future.cancel()
-            return True
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-            elif not isinstance(exc, Exception):
-                raise
-            else:
-                log.debug("%r failed after its future was cancelled", self, exc_info=True)
-        else:
-            if not future.done():
-                future.set_result(result)
-        finally:
-            self._done = True
-            self._greenlet = None
-            carrier._drop_fd_watch()
-        return False
-
     def _run_exit_hooks(self) -> None:
         for hook in list(_exit_hooks):
             try:
@@ -238,13 +209,6 @@ class Worker:
             carrier.throw(GreenletExit)
 
 
-def _call_and_exit(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        worker._run_exit_hooks()
-
-
 class WorkerGreenlet(greenlet.greenlet):
     """The greenlet workers run in: one worker at a time, then the next.
 
@@ -264,14 +228,45 @@ class WorkerGreenlet(greenlet.greenlet):
         return f"<greenpatch.WorkerGreenlet running {self.worker!r}>"
 
     def run(self) -> None:  # type: ignore[override]
+        # Everything is inline here: each Python frame between this and the
+        # worker's function is stack memory every parked worker holds.
         while True:
             worker = self.worker
             assert worker is not None
+            future = worker.future
+            fn, args, kwargs = worker.fn, worker.args, worker.kwargs
+            # Drop references early: the future may outlive the worker.
+            worker.fn = worker.args = worker.kwargs = None
+            killed = False
             try:
-                killed = worker._execute(self)
+                try:
+                    result = fn(*args, **kwargs)  # type: ignore[misc]
+                finally:
+                    worker._run_exit_hooks()
+            except GreenletExit:
+                killed = True
+                if not future.done():
+                    future.cancel()
+            except BaseException as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                elif not isinstance(exc, Exception):
+                    raise
+                else:
+                    log.debug("%r failed after its future was cancelled", worker, exc_info=True)
+            else:
+                if not future.done():
+                    future.set_result(result)
             finally:
+                worker._done = True
+                worker._greenlet = None
                 self.worker = None
-                _local.reset(self)  # nothing a worker stored is seen by the next
+                self._drop_fd_watch()
+                # Nothing a worker stored is seen by the next: its
+                # GreenletLocals and its contextvars context go (the next
+                # starts with an empty one, as a new greenlet would).
+                _local.reset(self)
+                self.gr_context = None
             if killed:
                 return  # unwound by GreenletExit: let this greenlet end
             idle = _idle_greenlets()
