@@ -479,6 +479,46 @@ def test_pool_false_disables_pooling(pool_options):
     assert not [p for p in all_pools() if p.name.startswith("default/") and not p._closed]
 
 
+def test_connection_params_are_built_once_per_alias_until_its_settings_change(pool_options):
+    from django.db import connections
+
+    from greenpatch.django import pooling
+    from greenpatch.patches import django_db
+
+    pool_options()
+    django_db._spares.clear()  # the first worker builds a wrapper and leaves it as the only spare
+
+    def fn():
+        conn = connections["default"]
+        seen = []
+        for change in (False, False, True):
+            if change:  # in place, as the test runner renames NAME
+                conn.settings_dict["OPTIONS"]["read_timeout"] = 30
+            conn.ensure_connection()
+            seen.append((pooling._params[type(conn), "default"], conn.connection._greenpatch_pool))
+            conn.close()
+        params = conn.get_connection_params()
+        return seen, params, params is conn.get_connection_params()
+
+    (first, second, third), params, same_dict = run_green(fn)
+    assert first[0] is second[0] and first[1] is second[1]  # cached: same params, same pool
+    assert third[0] is not second[0] and third[1] is not second[1]  # settings changed: rebuilt
+    assert params["read_timeout"] == 30 and not same_dict  # callers get their own copy
+
+    def new_or_spare_wrapper():
+        conn = connections["default"]
+        new = "isolation_level" not in conn.__dict__
+        greenpatch.sleep(0.01)  # both workers hold a wrapper at once
+        conn.ensure_connection()
+        conn.close()
+        return new, conn.__dict__["_greenpatch_params"], conn.isolation_level
+
+    results = gather(new_or_spare_wrapper, 2)
+    assert sorted(new for new, _, _ in results) == [False, True]  # one spare, one new wrapper
+    for _, entry, level in results:  # the new one shares the entry but ran Django's method
+        assert entry is third[0] and level == "read committed"
+
+
 def test_blocking_callers_use_their_own_pool_and_never_get_green_connections():
     from django.db import connection
 

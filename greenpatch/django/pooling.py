@@ -19,6 +19,7 @@ never be handed to a worker.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from typing import Any
@@ -43,6 +44,11 @@ POOL_DEFAULTS: dict[str, Any] = {
 
 _INITIALIZED = "_greenpatch_initialized"
 _POOL = "_greenpatch_pool"
+# (wrapper class, alias) -> (settings_dict copy, connection params, pool key):
+# one per alias, not per wrapper (each in-flight request has a wrapper); a
+# wrapper that computed its own refers to the entry under _PARAMS.
+_params: dict[tuple, tuple[dict, dict, tuple]] = {}
+_PARAMS = "_greenpatch_params"
 
 _lock = threading.Lock()
 _pools: dict[tuple, Pool | None] = {}  # None: pooling off for that alias
@@ -94,6 +100,13 @@ def _params_key(conn_params: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in conn_params.items() if k != "conv"))
 
 
+def _cached_params_key(wrapper: Any, conn_params: dict) -> tuple:
+    cached = _params.get((type(wrapper), wrapper.alias))
+    if cached is not None and cached[1] == conn_params:
+        return cached[2]
+    return _params_key(conn_params)
+
+
 def pool_for(wrapper: Any, conn_params: dict) -> Pool | None:
     """The pool for this alias, settings and kind of caller (worker or not).
 
@@ -101,7 +114,7 @@ def pool_for(wrapper: Any, conn_params: dict) -> Pool | None:
     options are parsed and validated only when a pool is first built.
     """
     kind = "green" if hub.is_worker() else "blocking"
-    key = (wrapper.alias, kind, _params_key(conn_params))
+    key = (wrapper.alias, kind, _cached_params_key(wrapper, conn_params))
     try:
         return _pools[key]
     except KeyError:
@@ -148,12 +161,36 @@ def close_pools(alias: str | None = None) -> None:
 
 
 def get_connection_params(wrapper: Any, wrapped: Any) -> dict:
+    """Django's connection parameters, computed once per alias and settings.
+
+    Every request connects (its connection returns to the pool at the end),
+    and building the parameters (and the pool key from them) cost more than
+    checking the pool out. They are kept per backend class and alias with a
+    copy of the ``settings_dict`` they came from, and built again when that
+    changed (the test runner, for one, renames the database in place).
+    """
+    settings = wrapper.settings_dict
+    where = (type(wrapper), wrapper.alias)
+    entry = _params.get(where)
+    if entry is not None and wrapper.__dict__.get(_PARAMS) is entry and entry[0] == settings:
+        return dict(entry[1])
+    # Django's method also sets attributes of the wrapper (isolation_level):
+    # each wrapper runs it once.
     params = wrapped()
     params.pop("pool", None)  # pool options never reach PyMySQL
     # PyMySQL would open with SET AUTOCOMMIT=0 and Django then send
     # SET AUTOCOMMIT=1: open in Django's mode and save both round trips.
-    params.setdefault("autocommit", wrapper.settings_dict["AUTOCOMMIT"])
-    return params
+    params.setdefault("autocommit", settings["AUTOCOMMIT"])
+    if entry is None or entry[0] != settings:
+        try:
+            entry = (copy.deepcopy(settings), params, _params_key(params))
+        except Exception:  # e.g. an ssl.SSLContext in OPTIONS: do not cache
+            _params.pop(where, None)
+            wrapper.__dict__.pop(_PARAMS, None)
+            return params
+        _params[where] = entry
+    wrapper.__dict__[_PARAMS] = entry
+    return dict(params)
 
 
 def get_new_connection(wrapper: Any, wrapped: Any, conn_params: dict) -> Any:
@@ -231,7 +268,7 @@ class CachedServerData:
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        key = (instance.alias, _params_key(instance.get_connection_params()))
+        key = (instance.alias, _cached_params_key(instance, instance.get_connection_params()))
         data = _server_data.get(key)
         if data is None:
             data = _server_data[key] = self.func(instance)
@@ -241,3 +278,4 @@ class CachedServerData:
 
 def forget_server_data() -> None:
     _server_data.clear()
+    _params.clear()
