@@ -65,6 +65,10 @@ class GreenSocket:
         #: operation (timeout, worker killed) rather than at the peer's end
         #: of stream or by `close`.
         self.cut = False
+        # Set by sendall() on a plain socket: the next read is the reply to
+        # what was just sent, which cannot be there yet, so recv_into()
+        # waits first instead of spending a system call on EAGAIN.
+        self._awaiting_reply = False
 
     def __repr__(self) -> str:
         state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
@@ -108,6 +112,9 @@ class GreenSocket:
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Receive into ``buffer``; 0 means end of stream (the socket is then closed)."""
         sock = self._open()
+        if self._awaiting_reply:
+            self._awaiting_reply = False
+            self._wait(sock, write=False)
         while True:
             try:
                 n = sock.recv_into(buffer, nbytes)
@@ -143,6 +150,8 @@ class GreenSocket:
                 self.close()
                 raise
             view = view[sent:]
+        # TLS may hold decrypted bytes the fd does not show: read first there.
+        self._awaiting_reply = not isinstance(sock, ssl.SSLSocket)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

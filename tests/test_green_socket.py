@@ -269,3 +269,33 @@ def test_worker_killed_mid_query_closes_its_connection(db, patched):
     assert time.monotonic() - t0 < 1.5
     assert fut.cancelled()
     assert not held[0].open, "a killed query must not leave its connection usable"
+
+
+def test_a_reply_already_there_after_a_send_is_read_at_once_in_and_out_of_workers():
+    # After sendall() a plain GreenSocket waits for readability before its
+    # first recv (the reply to what was sent cannot be there yet, usually);
+    # when it already is, the wait returns at once and nothing is lost.
+    def exchange(green, peer):
+        peer.sendall(b"early reply")  # in the socket before the request is even sent
+        green.sendall(b"request")
+        assert green._awaiting_reply
+        buf = bytearray(64)
+        n = green.recv_into(buf)
+        assert not green._awaiting_reply
+        assert peer.recv(64) == b"request"
+        peer.sendall(b"second")
+        m = green.recv_into(memoryview(buf)[n:])  # no send in between: straight to recv
+        return bytes(buf[: n + m])
+
+    for where in ("worker", "main greenlet"):
+        a, b = socket.socketpair()
+        green = GreenSocket(a)
+        try:
+            if where == "worker":
+                got = run_green(exchange, green, b)
+            else:
+                got = exchange(green, b)
+            assert got == b"early replysecond", where
+        finally:
+            green.close()
+            b.close()
