@@ -321,22 +321,31 @@ def test_a_killed_workers_greenlet_is_not_reused():
     assert carrier.dead and after is not carrier
 
 
-def test_idle_worker_greenlets_are_bounded_per_thread(monkeypatch):
-    monkeypatch.setattr(hub, "IDLE_GREENLETS", 3)
+def test_greenlets_are_reused_only_while_a_thread_has_few(monkeypatch):
+    # Workers of earlier tests may still be parked on loops nobody runs.
+    others = hub._carriers.busy
+    monkeypatch.setattr(hub, "REUSED_GREENLETS", others + 3)
 
-    def parked():
-        greenpatch.sleep(0.01)
+    def parked(seconds):
+        greenpatch.sleep(seconds)
         return greenlet.getcurrent()
 
-    async def main():
-        hub._idle_greenlets().clear()
-        carriers = await asyncio.gather(*[greenpatch.spawn(parked) for _ in range(10)])
-        return carriers, list(hub._idle_greenlets())
+    async def burst(n):
+        return await asyncio.gather(*[greenpatch.spawn(parked, 0.01 * (i + 1)) for i in range(n)])
 
-    carriers, idle = run_loop(main)
-    assert len(set(carriers)) == 10  # all ran at once, each in its own greenlet
-    assert len(idle) == 3 and all(not g.dead for g in idle)
-    assert sum(g.dead for g in carriers) == 7  # the rest ended
+    async def main():
+        hub._carriers.idle.clear()
+        few = await burst(2)
+        kept_after_few = [g for g in hub._carriers.idle if not g.dead]
+        many = await burst(10)
+        return few, kept_after_few, many, list(hub._carriers.idle), hub._carriers.busy
+
+    few, kept_after_few, many, kept_after_many, busy = run_loop(main)
+    assert set(kept_after_few) == set(few)  # 2 < 3: both kept, alive
+    assert len(set(many)) == 10  # all ran at once, each in its own greenlet (2 of them reused)
+    # Ending while 10 exist, greenlets end with their worker until fewer than 3 are left.
+    assert len(kept_after_many) == 3 and sum(g.dead for g in many) == 7
+    assert busy == others
 
 
 def test_failing_workers_leave_their_greenlet_reusable():
