@@ -267,14 +267,14 @@ class WorkerGreenlet(greenlet.greenlet):
                 worker._done = True
                 worker._greenlet = None
                 self.worker = None
+                carriers = _carriers
+                carriers.busy -= 1
                 self._drop_fd_watch()
                 # Nothing a worker stored is seen by the next: its
                 # GreenletLocals and its contextvars context go (the next
                 # starts with an empty one, as a new greenlet would).
                 _local.reset(self)
                 self.gr_context = None
-            carriers = _carriers
-            carriers.busy -= 1
             if killed:
                 return  # unwound by GreenletExit: let this greenlet end
             if carriers.busy + len(carriers.idle) >= REUSED_GREENLETS:
