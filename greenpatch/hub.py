@@ -21,13 +21,12 @@ maps and faults in fresh memory for its Python frames, which cost tens of
 microseconds per request (measured: 55-85 us of a ~700 us Django request).
 When a worker ends, its greenlet drops everything the worker left behind -
 `GreenletLocal` values, the ``contextvars`` context (each worker starts in an
-empty one, as a new greenlet would), the registration of a socket - and
-waits, idle, for the next worker started on its thread. Greenlets are kept
-only while a thread has at most `REUSED_GREENLETS` of them, running or
-idle: a reused greenlet keeps the frame-stack pages its deepest worker
-touched, so under a burst of many long requests (1,000 in flight: +4 MB)
-greenlets end with their workers as if there were no reuse. A greenlet
-whose worker was killed is not reused.
+empty one, as a new greenlet would) - and waits, idle, for the next worker
+started on its thread. Greenlets are kept only while a thread has at most
+`REUSED_GREENLETS` of them, running or idle: a reused greenlet keeps the
+frame-stack pages its deepest worker touched, so under a burst of many long
+requests (1,000 in flight: +4 MB) greenlets end with their workers as if
+there were no reuse. A greenlet whose worker was killed is not reused.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ from tornado.ioloop import IOLoop
 from greenpatch import local as _local
 
 __all__ = [
+    "FdWatch",
     "NotInWorkerError",
     "Worker",
     "WorkerGreenlet",
@@ -53,7 +54,6 @@ __all__ = [
     "current_worker",
     "green",
     "is_worker",
-    "release_fd",
     "remove_exit_hook",
     "sleep",
     "spawn",
@@ -226,9 +226,6 @@ class WorkerGreenlet(greenlet.greenlet):
         super().__init__()
         self.worker: Worker | None = None
         self._wait_token: object | None = None
-        # The fd registration kept between back-to-back wait_fd(owner=...)
-        # calls; dropped as soon as the worker parks on anything else or ends.
-        self._fd_watch: _FdWatch | None = None
 
     def __repr__(self) -> str:
         return f"<greenpatch.WorkerGreenlet running {self.worker!r}>"
@@ -269,7 +266,6 @@ class WorkerGreenlet(greenlet.greenlet):
                 self.worker = None
                 carriers = _carriers
                 carriers.busy -= 1
-                self._drop_fd_watch()
                 # Nothing a worker stored is seen by the next: its
                 # GreenletLocals and its contextvars context go (the next
                 # starts with an empty one, as a new greenlet would).
@@ -286,11 +282,6 @@ class WorkerGreenlet(greenlet.greenlet):
                 return
 
     # -- waiting -----------------------------------------------------------
-
-    def _drop_fd_watch(self) -> None:
-        watch, self._fd_watch = self._fd_watch, None
-        if watch is not None:
-            watch.remove()
 
     def _suspend(
         self, arm: Callable[[Callable[..., None]], Callable[[], None]], timeout: float | None
@@ -332,8 +323,6 @@ class WorkerGreenlet(greenlet.greenlet):
             raise RuntimeError(f"{self.worker!r} was resumed by an unexpected switch ({how!r})")
 
     def _park(self, future: asyncio.Future, timeout: float | None) -> Any:
-        self._drop_fd_watch()
-
         def arm(resume: Callable[..., None]) -> Callable[[], None]:
             future.add_done_callback(resume)
             return lambda: future.done() or future.remove_done_callback(resume)
@@ -346,86 +335,133 @@ class WorkerGreenlet(greenlet.greenlet):
         return future.result()
 
 
-class _FdWatch:
-    """A worker's registration of one fd for one event (see `wait_fd`)."""
+class FdWatch:
+    """A registration of one fd with one loop, for reading or for writing,
+    that its owner keeps between waits.
 
-    __slots__ = ("carrier", "aloop", "fd", "write", "owner", "resume")
+    Registering a socket with the loop and removing it again cost two system
+    calls and a few microseconds of asyncio bookkeeping each time. A pooled
+    database connection waits on its socket at every query of every request,
+    so its `~greenpatch.socket.GreenSocket` keeps one ``FdWatch`` for as
+    long as it is used from the same loop: across waits, across workers and
+    while it sits idle in the pool.
 
-    def __init__(self, carrier: WorkerGreenlet, fd: int, write: bool, owner: object | None) -> None:
-        self.carrier = carrier
-        self.aloop = carrier.worker.loop.asyncio_loop  # type: ignore[union-attr]
+    Rules that keep this safe:
+
+    * an ``FdWatch`` is made and waited on in a worker on the loop's thread,
+      and removed in that thread too; `release` from any other thread hands
+      the removal to the loop (``call_soon_threadsafe``);
+    * the fd must not be closed while the loop may still have it: a stale
+      selector entry for a reused fd number makes the next registration of
+      that number fail (or never fire). `release` therefore runs its
+      ``then`` (normally: close the socket) only after the removal;
+    * while nobody waits, a ready event (the peer closed an idle
+      connection) removes the registration, as the loop would otherwise see
+      the same level-triggered event at every iteration;
+    * in a forked child the loop belongs to the parent (its epoll set is
+      shared with it): the child never touches it.
+    """
+
+    __slots__ = ("aloop", "thread", "pid", "fd", "write", "registered", "resume")
+
+    def __init__(self, fd: int, write: bool = False) -> None:
+        carrier = getcurrent()
+        if not isinstance(carrier, WorkerGreenlet):
+            raise NotInWorkerError("greenpatch.FdWatch() can only be made inside a greenpatch worker")
+        self.aloop: asyncio.AbstractEventLoop = carrier.worker.loop.asyncio_loop  # type: ignore[union-attr]
+        self.thread = threading.get_ident()
+        self.pid = os.getpid()
         self.fd = fd
         self.write = write
-        self.owner = owner
         self.resume: Callable[..., None] | None = None
         if write:
-            self.aloop.add_writer(fd, self.ready)
+            self.aloop.add_writer(fd, self._ready)
         else:
-            self.aloop.add_reader(fd, self.ready)
+            self.aloop.add_reader(fd, self._ready)
+        self.registered = True
 
-    def matches(self, fd: int, write: bool, owner: object | None) -> bool:
-        return self.fd == fd and self.write is write and self.owner is owner
+    def __repr__(self) -> str:
+        state = "registered" if self.registered else "removed"
+        return f"<greenpatch.FdWatch fd={self.fd} {'write' if self.write else 'read'} {state}>"
 
-    def arm(self, resume: Callable[..., None]) -> Callable[[], None]:
+    def wait(self, timeout: float | None = None) -> None:
+        """Park the current worker until the fd is ready; `TimeoutError` after ``timeout``.
+
+        On a timeout, a kill or any other exception the registration is removed.
+        """
+        carrier = getcurrent()
+        try:
+            carrier._suspend(self._arm, timeout)  # type: ignore[union-attr]
+        except BaseException:
+            self._remove()
+            raise
+
+    def release(self, then: Callable[[], None] | None = None) -> bool:
+        """Remove the registration, then call ``then()``.
+
+        From the loop's own thread (or when the loop is closed, or in a
+        forked child) both happen now and True is returned. From another
+        thread the removal is scheduled on the loop, ``then`` runs there
+        after it, and False is returned; if the loop never runs again,
+        neither does ``then``.
+        """
+        if self.registered and self.pid == os.getpid() and threading.get_ident() != self.thread:
+            try:
+                self.aloop.call_soon_threadsafe(self._remove_then, then)
+                return False
+            except RuntimeError:  # the loop is closed: so is its selector
+                pass
+        self._remove()
+        if then is not None:
+            then()
+        return True
+
+    # -- internals ----------------------------------------------------------
+
+    def _arm(self, resume: Callable[..., None]) -> Callable[[], None]:
         self.resume = resume
-        return self.disarm
+        return self._disarm
 
-    def disarm(self) -> None:
+    def _disarm(self) -> None:
         self.resume = None
 
-    def ready(self) -> None:
+    def _ready(self) -> None:
         if self.resume is not None:
             self.resume()
-        elif self.carrier._fd_watch is self:  # nobody waits (level-triggered): stop watching
-            self.carrier._drop_fd_watch()
+        else:  # nobody waits (level-triggered): stop watching
+            self._remove()
 
-    def remove(self) -> None:
-        if self.aloop.is_closed():
+    def _remove(self) -> None:
+        if not self.registered:
             return
-        if self.write:
-            self.aloop.remove_writer(self.fd)
-        else:
-            self.aloop.remove_reader(self.fd)
+        if self.pid == os.getpid() and not self.aloop.is_closed():
+            if self.write:
+                self.aloop.remove_writer(self.fd)
+            else:
+                self.aloop.remove_reader(self.fd)
+        self.registered = False  # after the removal: other threads read it
+
+    def _remove_then(self, then: Callable[[], None] | None) -> None:
+        try:
+            self._remove()
+        finally:
+            if then is not None:
+                then()
 
 
-def release_fd(owner: object) -> None:
-    """Drop the registration the current worker keeps for ``owner``; call before closing its fd."""
-    carrier = getcurrent()
-    if isinstance(carrier, WorkerGreenlet):
-        watch = carrier._fd_watch
-        if watch is not None and watch.owner is owner:
-            carrier._drop_fd_watch()
-
-
-def wait_fd(fd: int, write: bool = False, timeout: float | None = None, owner: object | None = None) -> None:
+def wait_fd(fd: int, write: bool = False, timeout: float | None = None) -> None:
     """Park the current worker until ``fd`` is readable (or writable).
 
-    Without ``owner`` the descriptor is watched only for the duration of
-    the call, so it is never left registered with a loop: a socket may move
-    between loops, threads and blocking use. Raises `TimeoutError` after
-    ``timeout``.
-
-    With ``owner`` (the object that owns ``fd``), the registration is kept
-    after the wait for as long as the worker keeps running, so that the
-    next wait of the same worker on the same fd and event costs no
-    (un)registration; it is dropped as soon as the worker parks on anything
-    else, waits on another fd, times out, is killed or ends. The owner must
-    call `release_fd` before it closes ``fd``.
+    The descriptor is watched only for the duration of the call, so it is
+    never left registered with a loop. Raises `TimeoutError` after
+    ``timeout``. Code that waits on the same fd again and again (a socket)
+    can keep an `FdWatch` instead.
     """
-    carrier = getcurrent()
-    if not isinstance(carrier, WorkerGreenlet):
+    if not isinstance(getcurrent(), WorkerGreenlet):
         raise NotInWorkerError("greenpatch.wait_fd() can only be called inside a greenpatch worker")
-    watch = carrier._fd_watch
-    if watch is None or not watch.matches(fd, write, owner):
-        carrier._drop_fd_watch()
-        watch = carrier._fd_watch = _FdWatch(carrier, fd, write, owner)
-    try:
-        carrier._suspend(watch.arm, timeout)
-    except BaseException:  # timed out, killed, or a stray switch
-        carrier._drop_fd_watch()
-        raise
-    if owner is None:
-        carrier._drop_fd_watch()
+    watch = FdWatch(fd, write)
+    watch.wait(timeout)
+    watch._remove()
 
 
 def current_worker() -> Worker | None:

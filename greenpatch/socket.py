@@ -8,14 +8,17 @@ first tries the socket directly; only when it would block does it wait:
 * anywhere else (the main greenlet, another thread) it blocks in
   ``select()``, so the connection behaves like a plain blocking socket.
 
-The socket is registered with a loop only for the duration of one wait.
-That is what lets a pooled connection move freely between loops, threads
-and blocking use: Tornado's ``IOStream`` keeps an idle socket registered
-for reads on the loop that created it (to notice a close), which would
-read - steal - a reply meant for a blocking caller in another thread, and
-ties the connection to a loop that may be gone; and it reads ahead into a
-buffer of its own. Names are resolved asynchronously with Tornado's
-``Resolver``.
+A worker waits through a `hub.FdWatch`: the socket's registration with
+the worker's loop, kept from one wait to the next - across queries, across
+requests, while the connection is idle in a pool - and moved when the
+socket is next used from another loop. Unlike Tornado's ``IOStream``, the
+registration never reads (an idle ``IOStream`` reads ahead into a buffer of
+its own, which would steal a reply meant for a blocking caller in another
+thread): it only wakes the worker that waits, and removes itself when an
+event comes with nobody waiting. Closing removes it first, through its
+loop when that runs in another thread, so that the fd number is never
+reused while a loop still has it. Names are resolved asynchronously with
+Tornado's ``Resolver``.
 
 Timeouts follow the socket module: `settimeout` applies to each following
 wait, and an expired one closes the socket and raises `socket.timeout`
@@ -27,6 +30,7 @@ this side gave up half way, and the peer may still be working on a request
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -69,6 +73,21 @@ class GreenSocket:
         # what was just sent, which cannot be there yet, so recv_into()
         # waits first instead of spending a system call on EAGAIN.
         self._awaiting_reply = False
+        # The registration with the loop of the last worker that waited.
+        self._watch: hub.FdWatch | None = None
+        # Removals of registrations handed to loops of other threads and not
+        # done yet; a close meanwhile leaves the fd open (`_closing`) until
+        # they are.
+        self._lock = threading.Lock()
+        self._releasing = 0
+        self._closing: _socket.socket | None = None
+
+    def __del__(self) -> None:
+        # Dropped without close(): the registration must go before the socket
+        # object's own finalizer frees the fd number.
+        if self.__dict__.get("_sock") is not None:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
@@ -155,9 +174,18 @@ class GreenSocket:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
-        if sock is not None:
-            hub.release_fd(self)  # before the fd number can be reused
-            sock.close()
+        if sock is None:
+            return
+        self._drop_watch()  # before the fd number can be reused
+        with self._lock:
+            if self._releasing:
+                # A loop in another thread still has the fd: end the
+                # connection now, free the fd once that loop let go of it.
+                self._closing = sock
+                with contextlib.suppress(OSError):
+                    sock.shutdown(_socket.SHUT_RDWR)
+                return
+        sock.close()
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> GreenSocket:
         """Upgrade to TLS in place (handshake cooperative in a worker); return self."""
@@ -191,11 +219,39 @@ class GreenSocket:
             raise OSError(errno.EBADF, "Bad file descriptor")
         return sock
 
+    def _drop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch.registered:
+            with self._lock:
+                self._releasing += 1
+            watch.release(self._released)  # now, or later on the watch's loop
+
+    def _released(self) -> None:
+        with self._lock:
+            self._releasing -= 1
+            sock = self._closing if not self._releasing else None
+            if sock is not None:
+                self._closing = None
+        if sock is not None:
+            sock.close()
+
     def _wait(self, sock: _socket.socket, write: bool) -> None:
         """Wait until ``sock`` is ready; on timeout or any failure, close."""
         try:
-            if isinstance(_getcurrent(), _WorkerGreenlet):
-                hub.wait_fd(sock.fileno(), write, self._timeout, owner=self)
+            carrier = _getcurrent()
+            if isinstance(carrier, _WorkerGreenlet):
+                fd = sock.fileno()
+                watch = self._watch
+                if (
+                    watch is None
+                    or not watch.registered
+                    or watch.fd != fd
+                    or watch.write is not write
+                    or watch.aloop is not carrier.worker.loop.asyncio_loop  # type: ignore[union-attr]
+                ):
+                    self._drop_watch()
+                    watch = self._watch = hub.FdWatch(fd, write)
+                watch.wait(self._timeout)
             else:
                 fd = sock.fileno()
                 ready = select.select([] if write else [fd], [fd] if write else [], [], self._timeout)

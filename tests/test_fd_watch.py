@@ -1,0 +1,341 @@
+"""A GreenSocket keeps its registration with a loop between waits (hub.FdWatch).
+
+Kept across queries, workers and idle time in a pool; moved when the socket
+is used from another loop; removed - through its loop when that runs in
+another thread - before the fd is closed, so that a reused fd number never
+meets a stale selector entry.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import os
+import socket
+import threading
+
+import pymysql
+import pytest
+from conftest import run_green, run_loop
+from tornado.ioloop import IOLoop
+
+import greenpatch
+from greenpatch import hub
+
+
+def _registered(loop: IOLoop, fd: int) -> bool:
+    return fd in loop.asyncio_loop._selector.get_map()
+
+
+def _query(conn, sql="SELECT 1"):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class LoopThread:
+    """An IOLoop running in its own thread, with helpers to run code there."""
+
+    def __init__(self) -> None:
+        started = threading.Event()
+
+        def run() -> None:
+            self.loop = IOLoop(make_current=False)
+            self.loop.add_callback(started.set)
+            self.loop.start()
+            self.loop.close(all_fds=False)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def call(self, fn, *args):
+        """Run fn(*args) as a loop callback in the thread; return its result."""
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        def cb() -> None:
+            try:
+                out.set_result(fn(*args))
+            except BaseException as e:
+                out.set_exception(e)
+
+        self.loop.add_callback(cb)
+        return out.result(10)
+
+    def green(self, fn, *args):
+        """Run fn(*args) in a worker on the thread's loop; return its result."""
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        async def main() -> None:
+            try:
+                out.set_result(await greenpatch.spawn(fn, *args))
+            except BaseException as e:
+                out.set_exception(e)
+
+        self.loop.add_callback(main)
+        return out.result(10)
+
+    def stop(self) -> None:
+        self.loop.add_callback(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+def test_registration_kept_across_queries_and_workers(db, patched):
+    seen = {}
+
+    async def main():
+        loop = IOLoop.current()
+
+        def first():
+            conn = pymysql.connect(**db)
+            for _ in range(5):
+                assert _query(conn, "SELECT SLEEP(0.001)") == (0,)
+            return conn
+
+        conn = await greenpatch.spawn(first)
+        fd, watch = conn._sock.fileno(), conn._sock._watch
+        seen["idle"] = _registered(loop, fd) and watch.registered
+
+        def second():
+            assert _query(conn) == (1,)
+            return conn._sock._watch
+
+        seen["same_watch"] = await greenpatch.spawn(second) is watch
+        await greenpatch.spawn(conn.close)
+        seen["after_close"] = _registered(loop, fd) or watch.registered
+        seen["fd_open"] = _fd_open(fd) and conn._sock is not None and conn._sock.fileno() == fd
+
+    run_loop(main)
+    assert seen == {"idle": True, "same_watch": True, "after_close": False, "fd_open": False}
+
+
+def test_close_in_the_loops_thread_outside_a_worker(db, patched):
+    loop = IOLoop(make_current=False)
+    try:
+
+        async def main():
+            return await greenpatch.spawn(lambda: (c := pymysql.connect(**db), _query(c))[0])
+
+        conn = loop.run_sync(main)
+        fd = conn._sock.fileno()
+        assert _registered(loop, fd)
+        conn.close()  # main greenlet, loop stopped: removed at once
+        assert not _registered(loop, fd)
+    finally:
+        loop.close(all_fds=False)
+
+
+def test_blocking_use_while_registered_with_a_stopped_loop(db, patched):
+    loop = IOLoop(make_current=False)
+    try:
+
+        async def main():
+            return await greenpatch.spawn(lambda: (c := pymysql.connect(**db), _query(c))[0])
+
+        conn = loop.run_sync(main)
+        assert _registered(loop, conn._sock.fileno())
+        # Outside any worker the socket blocks in select(): the registration
+        # does not read, so it cannot take the reply.
+        assert _query(conn, "SELECT 42") == (42,)
+        conn.close()
+    finally:
+        loop.close(all_fds=False)
+
+
+def test_event_with_nobody_waiting_removes_the_registration(db, patched):
+    admin = pymysql.connect(**db)
+    try:
+
+        async def main():
+            loop = IOLoop.current()
+            conn = await greenpatch.spawn(lambda: (c := pymysql.connect(**db), _query(c))[0])
+            fd, watch = conn._sock.fileno(), conn._sock._watch
+            _query(admin, f"KILL CONNECTION {conn.thread_id():d}")  # the idle connection gets EOF
+            for _ in range(100):
+                await greenpatch.spawn(greenpatch.sleep, 0.01)
+                if not watch.registered:
+                    break
+            removed = not watch.registered and not _registered(loop, fd)
+
+            def use():
+                with pytest.raises(pymysql.err.OperationalError):
+                    _query(conn)
+                return conn._sock is None or conn._closed
+
+            return removed, await greenpatch.spawn(use)
+
+        assert run_loop(main) == (True, True)
+    finally:
+        admin.close()
+
+
+def test_close_from_another_thread_frees_the_fd_after_the_loop_removed_it(db, patched, loop_thread):
+    conn = loop_thread.green(lambda: (c := pymysql.connect(**db), _query(c))[0])
+    fd, thread_id = conn._sock.fileno(), conn.thread_id()
+    assert loop_thread.call(_registered, loop_thread.loop, fd)
+
+    # Hold the loop's thread, then close from here: the fd must stay open
+    # (the loop still has it) while the connection itself ends at once.
+    holding, release = threading.Event(), threading.Event()
+    loop_thread.loop.add_callback(lambda: (holding.set(), release.wait(10)))
+    assert holding.wait(10)
+    try:
+        conn.close()
+        assert _fd_open(fd)
+        admin = pymysql.connect(**db)
+        try:
+            for _ in range(100):
+                ids = {r[0] for r in _query_all(admin, "SELECT ID FROM information_schema.PROCESSLIST")}
+                if thread_id not in ids:
+                    break
+                threading.Event().wait(0.02)
+            assert thread_id not in ids
+        finally:
+            admin.close()
+    finally:
+        release.set()
+
+    assert loop_thread.call(_registered, loop_thread.loop, fd) is False
+    assert not _fd_open(fd) or loop_thread.call(lambda: True)  # freed, or reused by now
+
+    # fd numbers are reused lowest first: new connections on that loop work.
+    def many():
+        conns = [pymysql.connect(**db) for _ in range(3)]
+        out = [_query(c, "SELECT 5") for c in conns]
+        for c in conns:
+            c.close()
+        return out
+
+    assert loop_thread.green(many) == [(5,)] * 3
+
+
+def _query_all(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchall()
+
+
+def test_socket_moves_to_a_loop_in_another_thread(db, patched, loop_thread):
+    conn = loop_thread.green(lambda: (c := pymysql.connect(**db), _query(c))[0])
+    fd, first_watch = conn._sock.fileno(), conn._sock._watch
+
+    async def main():
+        loop = IOLoop.current()
+        assert await greenpatch.spawn(_query, conn, "SELECT 6") == (6,)
+        watch = conn._sock._watch
+        return watch is not first_watch and watch.registered and _registered(loop, fd)
+
+    assert run_loop(main)
+    # The other loop let go of it (the removal was handed to it).
+    assert loop_thread.call(_registered, loop_thread.loop, fd) is False
+    assert first_watch.registered is False
+    conn.close()  # its current loop is closed: nothing to remove, closed at once
+    assert not _fd_open(fd) or conn._sock is None
+
+
+def test_socket_outlives_its_loop(db, patched):
+    conn = run_green(lambda: (c := pymysql.connect(**db), _query(c))[0])  # that loop is closed now
+    assert run_green(_query, conn, "SELECT 3") == (3,)
+    assert run_green(_query, conn, "SELECT 4") == (4,)
+    run_green(conn.close)
+
+
+def test_dropped_without_close_removes_the_registration(db, patched):
+    async def main():
+        loop = IOLoop.current()
+
+        def work():
+            conn = pymysql.connect(**db)
+            _query(conn)
+            return conn._sock.fileno()
+
+        fd = await greenpatch.spawn(work)  # the connection is garbage now
+        gc.collect()
+        return _registered(loop, fd)
+
+    assert run_loop(main) is False
+
+
+def test_read_and_write_registrations_replace_each_other(patched):
+    a, b = socket.socketpair()
+    try:
+        green = greenpatch.socket.GreenSocket(a)
+        big = b"x" * (8 << 20)  # more than the socket buffers: sendall waits for writable
+
+        def work():
+            green.sendall(big)
+            return green._watch
+
+        async def main():
+            loop = IOLoop.current()
+            received = bytearray()
+
+            def drain():
+                b.setblocking(False)
+                while len(received) < len(big):
+                    try:
+                        received.extend(b.recv(1 << 20))
+                    except BlockingIOError:
+                        greenpatch.sleep(0.001)
+
+            drainer = greenpatch.spawn(drain)
+            watch = await greenpatch.spawn(work)
+            await drainer
+            write_watch = (watch.write, watch.registered, _registered(loop, a.fileno()))
+            b.sendall(b"hello")
+            buf = bytearray(5)
+            n = await greenpatch.spawn(green.recv_into, buf)
+            read_watch = green._watch
+            return write_watch, watch.registered, read_watch.write, n, bytes(buf)
+
+        assert run_loop(main) == ((True, True, True), False, False, 5, b"hello")
+    finally:
+        green.close()
+        b.close()
+
+
+def test_wait_fd_registers_only_for_the_call(patched):
+    a, b = socket.socketpair()
+    try:
+
+        async def main():
+            loop = IOLoop.current()
+            during = []
+
+            def work():
+                loop.add_callback(lambda: (during.append(_registered(loop, a.fileno())), b.send(b"!")))
+                hub.wait_fd(a.fileno())
+                return a.recv(1)
+
+            data = await greenpatch.spawn(work)
+            return data, during, _registered(loop, a.fileno())
+
+        assert run_loop(main) == (b"!", [True], False)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fd_watch_outside_a_worker_is_refused():
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(hub.NotInWorkerError):
+            hub.FdWatch(a.fileno())
+    finally:
+        a.close()
+        b.close()
