@@ -62,7 +62,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 from wsgiref.util import FileWrapper
 
-from tornado import gen, httputil, iostream, netutil
+from tornado import gen, httpserver, httputil, iostream, netutil
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
@@ -415,6 +416,8 @@ class _Request(httputil.HTTPMessageDelegate):
             self._worker_ended(worker.future)
         else:
             worker.future.add_done_callback(self._worker_ended)
+            if isinstance(self.server_conn, _ServerConnection):
+                self.server_conn.answered_inline = False
 
     def on_connection_close(self) -> None:
         # The connection closed before the whole request was received: no
@@ -867,6 +870,71 @@ def _answer_unsatisfiable_reads(stream: iostream.IOStream) -> None:
     stream.close = close_with_400  # type: ignore[method-assign]
 
 
+def _keep_nodelay(stream: iostream.IOStream) -> None:
+    """Turn TCP_NODELAY on for the life of ``stream``.
+
+    Tornado turns it on before the last write of every response and off
+    after it (two ``setsockopt`` calls per request), so that Nagle's
+    algorithm may merge the writes of the next response. A response here is
+    written whole, or in chunks the application chose to stream: on for
+    good, as most servers do.
+    """
+    sock = stream.socket
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):  # the client may be gone already
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream.set_nodelay = _ignore_nodelay  # type: ignore[method-assign]
+
+
+def _ignore_nodelay(value: bool) -> None:
+    pass
+
+
+class _ServerConnection(HTTP1ServerConnection):
+    """Tornado's HTTP/1 server connection, minus a loop turn per request.
+
+    Tornado ends each request with ``await asyncio.sleep(0)``, so that a
+    client pipelining requests that are answered without waiting cannot
+    starve the loop. After a request whose worker waited (for the database,
+    say) the loop has turned many times already, and the extra turn only
+    lets the loop read the client's next request into the stream's buffer
+    before the reader is back - which makes Tornado unregister the socket
+    and register it again (two ``epoll_ctl`` calls, and asyncio bookkeeping)
+    at every request. Here the turn is taken only after a request answered
+    without waiting (``answered_inline``, cleared by `_Request.finish`).
+    """
+
+    answered_inline = True
+
+    async def _server_request_loop(self, delegate: httputil.HTTPServerConnectionDelegate) -> None:
+        # As HTTP1ServerConnection._server_request_loop (Tornado 6.x), but
+        # for the condition on the loop turn.
+        try:
+            while True:
+                conn = HTTP1Connection(self.stream, False, self.params, self.context)
+                request_delegate = delegate.start_request(self, conn)
+                self.answered_inline = True
+                try:
+                    ret = await conn.read_response(request_delegate)
+                except (
+                    iostream.StreamClosedError,
+                    iostream.UnsatisfiableReadError,
+                    asyncio.CancelledError,
+                ):
+                    return
+                except Exception:
+                    log.error("Uncaught exception serving %r", self.context, exc_info=True)
+                    conn.close()
+                    return
+                if not ret:
+                    return
+                if self.answered_inline:
+                    await asyncio.sleep(0)
+        finally:
+            delegate.on_close(self)
+
+
 # -- the server ---------------------------------------------------------------------------
 
 
@@ -927,8 +995,13 @@ class GreenWSGIServer(HTTPServer):
         return self.container.in_flight
 
     def handle_stream(self, stream: iostream.IOStream, address: tuple) -> None:
+        # As HTTPServer.handle_stream, with the connection class above.
         _answer_unsatisfiable_reads(stream)
-        super().handle_stream(stream, address)
+        _keep_nodelay(stream)
+        context = httpserver._HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
+        conn = _ServerConnection(stream, self.conn_params, context)
+        self._connections.add(conn)
+        conn.start_serving(self)
 
     def _close_idle_connections(self) -> None:
         busy = {request.server_conn for request in self.container._active}

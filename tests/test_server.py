@@ -551,6 +551,101 @@ def test_keep_alive_serves_several_requests_on_one_connection(serve_app):
         conn.close()
 
 
+class _BlockLoopOnClose:
+    """A response body whose close() holds the loop for a moment after the response went out."""
+
+    def __init__(self, body, seconds):
+        self.body, self.seconds = body, seconds
+
+    def __iter__(self):
+        return iter([self.body])
+
+    def close(self):
+        time.sleep(self.seconds)  # deliberately blocking: the client's next request arrives meanwhile
+
+
+def test_keep_alive_after_a_waiting_request_does_not_reregister_the_socket(serve_app):
+    # After a request whose worker waited, the server goes straight back to
+    # reading: a next request that arrived in the meantime is read by the
+    # reader, not by the idle-connection listener - which would unregister
+    # the socket and register it again at every request.
+    def app(environ, start_response):
+        greenpatch.sleep(0.001)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return _BlockLoopOnClose(b"ok", 0.02)
+
+    srv = serve_app(app)
+    changes = []
+
+    def watch():
+        loop = IOLoop.current()
+        update = loop.update_handler
+        loop.update_handler = lambda fd, events: (changes.append((fd, events)), update(fd, events))[1]
+
+    srv.call(watch)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        for _ in range(6):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body = read_response(sock)
+            assert body == b"ok", head
+    assert changes == []
+
+
+def test_accepted_sockets_keep_tcp_nodelay(serve_app):
+    def app(environ, start_response):
+        greenpatch.sleep(0.001)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    srv = serve_app(app)
+    conn = srv.connection()
+    try:
+        for _ in range(2):
+            conn.request("GET", "/")
+            assert conn.getresponse().read() == b"ok"
+
+        def nodelay():
+            (server_conn,) = srv.server._connections
+            return server_conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+        assert srv.call(nodelay) != 0  # Tornado would have turned it off after the response
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_answered_at_once_do_not_starve_other_clients(serve_app):
+    # Requests answered without waiting still end with a loop turn, so a
+    # client pipelining many of them cannot hold the loop.
+    def app(environ, start_response):
+        time.sleep(0.0005)  # answered inline, but not free
+        start_response("200 OK", [("Content-Length", "1")])
+        return [b"x"]
+
+    srv = serve_app(app)
+    n = 400
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as a, socket.create_connection(
+        ("127.0.0.1", srv.port), timeout=10
+    ) as b:
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        a.sendall(request * n)  # n x 0.5 ms of work, queued at once
+        time.sleep(0.02)
+        t0 = time.monotonic()
+        b.sendall(request)
+        read_response(b)
+        b_done = time.monotonic()
+        responses = 0
+        data = b""
+        a.settimeout(10)
+        while responses < n:
+            chunk = a.recv(65536)
+            assert chunk
+            data += chunk
+            responses = data.count(b"HTTP/1.1 200")
+        a_done = time.monotonic()
+    # b was answered within a few of a's requests, not after all of them.
+    assert b_done - t0 < (a_done - t0) / 4, (b_done - t0, a_done - t0)
+
+
 def test_keep_alive_with_chunked_responses(serve_app):
     def app(environ, start_response):
         start_response("200 OK", [])
