@@ -65,7 +65,7 @@ from wsgiref.util import FileWrapper
 from tornado import gen, httpserver, httputil, iostream, netutil
 from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
+from tornado.ioloop import IOLoop, PeriodicCallback
 
 from greenpatch import hub
 from greenpatch import monitor as _monitor  # greenpatch.monitor: blocking detector, stats lines
@@ -379,6 +379,8 @@ class _Request(httputil.HTTPMessageDelegate):
     ) -> None:
         self.start_line = start_line  # type: ignore[assignment]
         self.headers = headers
+        if isinstance(self.server_conn, _ServerConnection):
+            self.server_conn.waiting_since = None
         container = self.container
         if "Content-Length" in headers:
             try:
@@ -894,6 +896,9 @@ def _ignore_nodelay(value: bool) -> None:
 class _ServerConnection(HTTP1ServerConnection):
     """Tornado's HTTP/1 server connection, minus a loop turn per request.
 
+    The idle timeout is kept by `GreenWSGIServer` with one periodic sweep
+    (``waiting_since``) instead of Tornado's timer around every header read.
+
     Tornado ends each request with ``await asyncio.sleep(0)``, so that a
     client pipelining requests that are answered without waiting cannot
     starve the loop. After a request whose worker waited (for the database,
@@ -906,6 +911,10 @@ class _ServerConnection(HTTP1ServerConnection):
     """
 
     answered_inline = True
+    #: ``time.monotonic()`` when the connection began waiting for the head of
+    #: its next request; None while a request is being received or served.
+    #: `GreenWSGIServer` closes connections that wait too long.
+    waiting_since: float | None = None
 
     async def _server_request_loop(self, delegate: httputil.HTTPServerConnectionDelegate) -> None:
         # As HTTP1ServerConnection._server_request_loop (Tornado 6.x), but
@@ -915,6 +924,7 @@ class _ServerConnection(HTTP1ServerConnection):
                 conn = HTTP1Connection(self.stream, False, self.params, self.context)
                 request_delegate = delegate.start_request(self, conn)
                 self.answered_inline = True
+                self.waiting_since = time.monotonic()
                 try:
                     ret = await conn.read_response(request_delegate)
                 except (
@@ -947,7 +957,9 @@ class GreenWSGIServer(HTTPServer):
     :arg app: the WSGI application.
     :arg max_body_size, access_log, log_style: see `WSGIContainer`.
     :arg idle_connection_timeout: seconds a connection may wait for the
-        headers of its next request (keep-alive) before it is closed.
+        head of its next request (keep-alive, or a head that trickles in)
+        before it is closed; checked by a sweep every ``min(timeout / 10,
+        1)`` seconds, not by a timer per request. None: never.
     :arg multiprocess: ``wsgi.multiprocess``.
     :arg http_server_kwargs: passed to ``HTTPServer`` (``xheaders``,
         ``ssl_options``, ``no_keep_alive``, ``body_timeout``,
@@ -970,10 +982,15 @@ class GreenWSGIServer(HTTPServer):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         access_log: bool = True,
         log_style: str = "common",
-        idle_connection_timeout: float = 60.0,
+        idle_connection_timeout: float | None = 60.0,
         multiprocess: bool = False,
         **http_server_kwargs: Any,
     ) -> None:
+        if idle_connection_timeout is not None and not idle_connection_timeout > 0:
+            raise ValueError(
+                "idle_connection_timeout must be a number of seconds > 0 or None, "
+                f"not {idle_connection_timeout!r}"
+            )
         self.container = WSGIContainer(
             app,
             max_body_size=max_body_size,
@@ -982,12 +999,14 @@ class GreenWSGIServer(HTTPServer):
             multiprocess=multiprocess,
         )
         self._forced: asyncio.Event | None = None
+        self.idle_connection_timeout = idle_connection_timeout
+        self._sweeper: PeriodicCallback | None = None
         super().initialize(
             self.container,
-            idle_connection_timeout=idle_connection_timeout,
             max_body_size=_TORNADO_BODY_LIMIT,
             **http_server_kwargs,
         )
+        self.conn_params.header_timeout = None  # the sweep below keeps the idle timeout
 
     @property
     def in_flight(self) -> int:
@@ -1002,6 +1021,25 @@ class GreenWSGIServer(HTTPServer):
         conn = _ServerConnection(stream, self.conn_params, context)
         self._connections.add(conn)
         conn.start_serving(self)
+        if self._sweeper is None and self.idle_connection_timeout is not None:
+            interval = min(self.idle_connection_timeout / 10, 1.0)
+            self._sweeper = PeriodicCallback(self._close_connections_idle_too_long, interval * 1000)
+            self._sweeper.start()
+
+    def _close_connections_idle_too_long(self) -> None:
+        assert self.idle_connection_timeout is not None
+        deadline = time.monotonic() - self.idle_connection_timeout
+        for conn in list(self._connections):
+            since = getattr(conn, "waiting_since", None)
+            if since is not None and since <= deadline:
+                conn.stream.close()
+
+    def stop(self) -> None:
+        """Stop listening (see ``TCPServer.stop``) and stop the idle-connection sweep."""
+        super().stop()
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
 
     def _close_idle_connections(self) -> None:
         busy = {request.server_conn for request in self.container._active}

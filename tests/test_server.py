@@ -646,6 +646,60 @@ def test_pipelined_requests_answered_at_once_do_not_starve_other_clients(serve_a
     assert b_done - t0 < (a_done - t0) / 4, (b_done - t0, a_done - t0)
 
 
+def _closed_by_server(sock, timeout=5.0):
+    """Seconds until the server closed ``sock`` (reading and dropping anything else)."""
+    t0 = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_idle_connection_timeout_closes_waiting_connections_only(serve_app):
+    def app(environ, start_response):
+        greenpatch.sleep(float(environ["QUERY_STRING"] or 0))
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    srv = serve_app(app, idle_connection_timeout=0.3)
+    request = b"GET /?%s HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as silent, socket.create_connection(
+        ("127.0.0.1", srv.port), timeout=10
+    ) as keep_alive, socket.create_connection(("127.0.0.1", srv.port), timeout=10) as trickle:
+        # A request that takes longer than the timeout is served whole, and
+        # its connection is kept for the next one.
+        keep_alive.sendall(request % b"0.8")
+        assert read_response(keep_alive)[1] == b"ok"
+        keep_alive.sendall(request % b"0")
+        assert read_response(keep_alive)[1] == b"ok"
+        # Never sends anything: closed.
+        assert _closed_by_server(silent) < 2
+        # A head that trickles in is closed once it took longer than the timeout.
+        for byte in b"GET / HTTP/1.1\r\n":
+            try:
+                trickle.send(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.05)
+        assert _closed_by_server(trickle) < 2
+        # Idle after its requests: closed too, about the timeout later.
+        idle = _closed_by_server(keep_alive)
+        assert idle < 2, idle
+
+
+def test_idle_connection_timeout_none_keeps_connections(serve_app):
+    srv = serve_app(hello, idle_connection_timeout=None)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        time.sleep(0.3)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[1] == b"hello"
+    with pytest.raises(ValueError, match="idle_connection_timeout must be"):
+        GreenWSGIServer(hello, idle_connection_timeout=0)
+
+
 def test_keep_alive_with_chunked_responses(serve_app):
     def app(environ, start_response):
         start_response("200 OK", [])
