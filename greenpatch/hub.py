@@ -335,6 +335,16 @@ class WorkerGreenlet(greenlet.greenlet):
         return future.result()
 
 
+class _Watches(threading.local):
+    """The registered `FdWatch` of each (fd, event) of each loop run by this thread."""
+
+    def __init__(self) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, dict[tuple[int, bool], FdWatch]] = {}
+
+
+_watches = _Watches()
+
+
 class FdWatch:
     """A registration of one fd with one loop, for reading or for writing,
     that its owner keeps between waits.
@@ -358,6 +368,10 @@ class FdWatch:
     * while nobody waits, a ready event (the peer closed an idle
       connection) removes the registration, as the loop would otherwise see
       the same level-triggered event at every iteration;
+    * a removal handed to the loop may run after the same socket came back
+      to that loop and was registered again (a worker there checked it out
+      of the pool meanwhile): the newer watch takes the registration over,
+      and the older one's removal then leaves it alone;
     * in a forked child the loop belongs to the parent (its epoll set is
       shared with it): the child never touches it.
     """
@@ -374,10 +388,15 @@ class FdWatch:
         self.fd = fd
         self.write = write
         self.resume: Callable[..., None] | None = None
+        watches = _watches.by_loop.setdefault(self.aloop, {})
+        older = watches.get((fd, write))
+        if older is not None:  # its removal is on its way: this one replaces it
+            older.registered = False
         if write:
             self.aloop.add_writer(fd, self._ready)
         else:
             self.aloop.add_reader(fd, self._ready)
+        watches[(fd, write)] = self
         self.registered = True
 
     def __repr__(self) -> str:
@@ -432,13 +451,20 @@ class FdWatch:
             self._remove()
 
     def _remove(self) -> None:
+        # Only ever in the loop's thread (or with the loop closed, or forked).
         if not self.registered:
             return
-        if self.pid == os.getpid() and not self.aloop.is_closed():
-            if self.write:
-                self.aloop.remove_writer(self.fd)
-            else:
-                self.aloop.remove_reader(self.fd)
+        if self.pid == os.getpid():
+            watches = _watches.by_loop.get(self.aloop)
+            if watches is not None and watches.get((self.fd, self.write)) is self:
+                del watches[(self.fd, self.write)]
+                if not watches:
+                    del _watches.by_loop[self.aloop]
+            if not self.aloop.is_closed():
+                if self.write:
+                    self.aloop.remove_writer(self.fd)
+                else:
+                    self.aloop.remove_reader(self.fd)
         self.registered = False  # after the removal: other threads read it
 
     def _remove_then(self, then: Callable[[], None] | None) -> None:

@@ -248,6 +248,32 @@ def test_socket_moves_to_a_loop_in_another_thread(db, patched, loop_thread):
     assert not _fd_open(fd) or conn._sock is None
 
 
+def test_socket_back_on_a_loop_before_that_loop_removed_its_old_registration(db, patched, loop_thread):
+    # Loop A has the socket registered; a worker on loop B uses it, which
+    # hands A the removal of that registration; before A gets to it, a worker
+    # already running on A uses the socket again and registers it anew. A's
+    # late removal must then leave the new registration alone (or the worker
+    # on A never wakes: here, a read timeout).
+    conn = loop_thread.green(lambda: (c := pymysql.connect(**db, read_timeout=3), _query(c))[0])
+    on_a, b_done = threading.Event(), threading.Event()
+
+    def worker_on_a():
+        on_a.set()
+        assert b_done.wait(10)  # blocks loop A meanwhile, deliberately
+        return _query(conn, "SELECT 2")
+
+    result: concurrent.futures.Future = concurrent.futures.Future()
+    threading.Thread(target=lambda: result.set_result(loop_thread.green(worker_on_a)), daemon=True).start()
+    assert on_a.wait(10)
+    try:
+        assert run_green(_query, conn, "SELECT 1") == (1,)  # on loop B, in this thread
+    finally:
+        b_done.set()
+    assert result.result(10) == (2,)
+    assert loop_thread.call(_registered, loop_thread.loop, conn._sock.fileno())
+    loop_thread.green(conn.close)
+
+
 def test_socket_outlives_its_loop(db, patched):
     conn = run_green(lambda: (c := pymysql.connect(**db), _query(c))[0])  # that loop is closed now
     assert run_green(_query, conn, "SELECT 3") == (3,)
