@@ -222,6 +222,28 @@ def test_greenlet_waiters_are_served_in_arrival_order(db, patched, pools):
     assert s["connects"] == 1 and s["waiting"] == 0 and s["in_use"] == 0
 
 
+def test_checkin_from_another_thread_wakes_a_worker(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    conn = pool.checkout()  # this thread holds the only connection
+
+    def waiter():
+        c = pool.checkout()
+        try:
+            return scalar(c, "SELECT 9")
+        finally:
+            pool.checkin(c)
+
+    async def main():
+        future = greenpatch.spawn(waiter)
+        await until(lambda: pool.stats()["waiting"] == 1)
+        threading.Thread(target=pool.checkin, args=(conn,)).start()
+        return await future
+
+    # (Django keeps blocking and green connections in separate pools; this
+    # one is shared on purpose: what is tested is the grant across threads.)
+    assert run_loop(main) == 9
+
+
 def test_timeouts_only_hit_waiters_beyond_their_timeout(db, patched, pools):
     pool = pools(db, name="tq", max_size=2, timeout=10)
     served = []
