@@ -403,6 +403,10 @@ class FdWatch:
         state = "registered" if self.registered else "removed"
         return f"<greenpatch.FdWatch fd={self.fd} {'write' if self.write else 'read'} {state}>"
 
+    def serves(self, fd: int, write: bool, aloop: asyncio.AbstractEventLoop) -> bool:
+        """True if a worker on ``aloop`` can wait on ``fd`` (for writing or not) with this watch."""
+        return self.registered and self.fd == fd and self.write is write and self.aloop is aloop
+
     def wait(self, timeout: float | None = None) -> None:
         """Park the current worker until the fd is ready; `TimeoutError` after ``timeout``.
 

@@ -242,13 +242,8 @@ class GreenSocket:
             if isinstance(carrier, _WorkerGreenlet):
                 fd = sock.fileno()
                 watch = self._watch
-                if (
-                    watch is None
-                    or not watch.registered
-                    or watch.fd != fd
-                    or watch.write is not write
-                    or watch.aloop is not carrier.worker.loop.asyncio_loop  # type: ignore[union-attr]
-                ):
+                aloop = carrier.worker.loop.asyncio_loop  # type: ignore[union-attr]
+                if watch is None or not watch.serves(fd, write, aloop):
                     self._drop_watch()
                     watch = self._watch = hub.FdWatch(fd, write)
                 watch.wait(self._timeout)

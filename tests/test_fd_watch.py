@@ -33,6 +33,22 @@ def _query(conn, sql="SELECT 1"):
         return cur.fetchone()
 
 
+def _connected(db: dict, **kwargs):
+    """A connection opened in the current worker that has waited on its socket once."""
+    conn = pymysql.connect(**db, **kwargs)
+    _query(conn)
+    return conn
+
+
+def _connected_on(loop: IOLoop, db: dict):
+    """`_connected` in a worker on ``loop`` (not running; run here until done)."""
+
+    async def main():
+        return await greenpatch.spawn(_connected, db)
+
+    return loop.run_sync(main)
+
+
 def _fd_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -127,11 +143,7 @@ def test_registration_kept_across_queries_and_workers(db, patched):
 def test_close_in_the_loops_thread_outside_a_worker(db, patched):
     loop = IOLoop(make_current=False)
     try:
-
-        async def main():
-            return await greenpatch.spawn(lambda: (c := pymysql.connect(**db), _query(c))[0])
-
-        conn = loop.run_sync(main)
+        conn = _connected_on(loop, db)
         fd = conn._sock.fileno()
         assert _registered(loop, fd)
         conn.close()  # main greenlet, loop stopped: removed at once
@@ -143,11 +155,7 @@ def test_close_in_the_loops_thread_outside_a_worker(db, patched):
 def test_blocking_use_while_registered_with_a_stopped_loop(db, patched):
     loop = IOLoop(make_current=False)
     try:
-
-        async def main():
-            return await greenpatch.spawn(lambda: (c := pymysql.connect(**db), _query(c))[0])
-
-        conn = loop.run_sync(main)
+        conn = _connected_on(loop, db)
         assert _registered(loop, conn._sock.fileno())
         # Outside any worker the socket blocks in select(): the registration
         # does not read, so it cannot take the reply.
@@ -163,7 +171,7 @@ def test_event_with_nobody_waiting_removes_the_registration(db, patched):
 
         async def main():
             loop = IOLoop.current()
-            conn = await greenpatch.spawn(lambda: (c := pymysql.connect(**db), _query(c))[0])
+            conn = await greenpatch.spawn(_connected, db)
             fd, watch = conn._sock.fileno(), conn._sock._watch
             _query(admin, f"KILL CONNECTION {conn.thread_id():d}")  # the idle connection gets EOF
             for _ in range(100):
@@ -185,7 +193,7 @@ def test_event_with_nobody_waiting_removes_the_registration(db, patched):
 
 
 def test_close_from_another_thread_frees_the_fd_after_the_loop_removed_it(db, patched, loop_thread):
-    conn = loop_thread.green(lambda: (c := pymysql.connect(**db), _query(c))[0])
+    conn = loop_thread.green(_connected, db)
     fd, thread_id = conn._sock.fileno(), conn.thread_id()
     assert loop_thread.call(_registered, loop_thread.loop, fd)
 
@@ -231,7 +239,7 @@ def _query_all(conn, sql):
 
 
 def test_socket_moves_to_a_loop_in_another_thread(db, patched, loop_thread):
-    conn = loop_thread.green(lambda: (c := pymysql.connect(**db), _query(c))[0])
+    conn = loop_thread.green(_connected, db)
     fd, first_watch = conn._sock.fileno(), conn._sock._watch
 
     async def main():
@@ -254,7 +262,7 @@ def test_socket_back_on_a_loop_before_that_loop_removed_its_old_registration(db,
     # already running on A uses the socket again and registers it anew. A's
     # late removal must then leave the new registration alone (or the worker
     # on A never wakes: here, a read timeout).
-    conn = loop_thread.green(lambda: (c := pymysql.connect(**db, read_timeout=3), _query(c))[0])
+    conn = loop_thread.green(lambda: _connected(db, read_timeout=3))
     on_a, b_done = threading.Event(), threading.Event()
 
     def worker_on_a():
@@ -275,7 +283,7 @@ def test_socket_back_on_a_loop_before_that_loop_removed_its_old_registration(db,
 
 
 def test_socket_outlives_its_loop(db, patched):
-    conn = run_green(lambda: (c := pymysql.connect(**db), _query(c))[0])  # that loop is closed now
+    conn = run_green(_connected, db)  # that loop is closed now
     assert run_green(_query, conn, "SELECT 3") == (3,)
     assert run_green(_query, conn, "SELECT 4") == (4,)
     run_green(conn.close)
