@@ -10,6 +10,7 @@ from django.db.models import F
 from django.http import HttpResponse, JsonResponse
 
 import greenpatch
+from greenpatch import hub
 
 from .models import Account, Item, Part, Transfer
 
@@ -158,12 +159,18 @@ def _greenlets() -> int:
 
 
 def stats(request):
-    """Pools, greenlets (``gc`` count, before and after a collection), RSS, fds, threads."""
+    """Pools, greenlets (``gc`` count, before and after a collection), RSS, fds, threads.
+
+    ``idle_worker_greenlets``: how many of the greenlets are worker greenlets
+    this (the loop's) thread keeps idle for reuse - as many as ran at once
+    at the busiest moment, up to ``hub.REUSED_GREENLETS``.
+    """
     data = {"pid": os.getpid(), "pools": greenpatch.stats(), "worker": greenpatch.is_worker()}
     if request.GET.get("gc"):
         data["greenlets_uncollected"] = _greenlets()
         gc.collect()
         data["greenlets"] = _greenlets()
+        data["idle_worker_greenlets"] = len(hub._carriers.idle)
         data["gc_garbage"] = len(gc.garbage)
     data["rss_kb"] = _rss_kb()
     data["fds"] = len(os.listdir("/proc/self/fd"))
