@@ -38,6 +38,7 @@ def stats() -> list[dict]:
 
     return sorted((pool.stats() for pool in all_pools()), key=lambda s: s["name"])
 
+
 __all__ = [
     "ConfigError",
     "NotInWorkerError",

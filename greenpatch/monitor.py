@@ -522,7 +522,7 @@ class StatsLogger:
             log.warning(
                 "pool statistics every %g s go to the 'greenpatch.stats' logger at INFO, which "
                 "is not enabled or has no handler: configure it (in Django's LOGGING, e.g. "
-                "\"loggers\": {\"greenpatch.stats\": {\"handlers\": [\"console\"], \"level\": \"INFO\"}})",
+                '"loggers": {"greenpatch.stats": {"handlers": ["console"], "level": "INFO"}})',
                 self.interval,
             )
 

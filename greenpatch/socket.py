@@ -191,9 +191,7 @@ class GreenSocket:
         """Upgrade to TLS in place (handshake cooperative in a worker); return self."""
         raw = self._open()
         try:
-            tls = context.wrap_socket(
-                raw, server_hostname=server_hostname, do_handshake_on_connect=False
-            )
+            tls = context.wrap_socket(raw, server_hostname=server_hostname, do_handshake_on_connect=False)
         except BaseException:
             self.close()
             raise

@@ -756,9 +756,7 @@ def test_query_of_a_cut_connection_is_killed_on_the_server(scratch_db, patched, 
     scalar(admin, "CREATE TABLE t (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
     scalar(admin, "INSERT INTO t VALUES (1, 0)")
     read_timeout = 0.5 if cut_by == "read_timeout" else None
-    pool = Pool(
-        lambda: pymysql.connect(**scratch_db, read_timeout=read_timeout), name="cut", max_size=1
-    )
+    pool = Pool(lambda: pymysql.connect(**scratch_db, read_timeout=read_timeout), name="cut", max_size=1)
     victim = []
 
     def txn():

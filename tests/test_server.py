@@ -623,9 +623,10 @@ def test_pipelined_requests_answered_at_once_do_not_starve_other_clients(serve_a
 
     srv = serve_app(app)
     n = 400
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as a, socket.create_connection(
-        ("127.0.0.1", srv.port), timeout=10
-    ) as b:
+    with (
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as a,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as b,
+    ):
         request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
         a.sendall(request * n)  # n x 0.5 ms of work, queued at once
         time.sleep(0.02)
@@ -666,9 +667,11 @@ def test_idle_connection_timeout_closes_waiting_connections_only(serve_app):
 
     srv = serve_app(app, idle_connection_timeout=0.3)
     request = b"GET /?%s HTTP/1.1\r\nHost: x\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as silent, socket.create_connection(
-        ("127.0.0.1", srv.port), timeout=10
-    ) as keep_alive, socket.create_connection(("127.0.0.1", srv.port), timeout=10) as trickle:
+    with (
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as silent,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as keep_alive,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as trickle,
+    ):
         # A request that takes longer than the timeout is served whole, and
         # its connection is kept for the next one.
         keep_alive.sendall(request % b"0.8")

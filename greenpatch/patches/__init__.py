@@ -40,9 +40,7 @@ _hooked: set[str] = set()
 
 def _module(name: str) -> ModuleType:
     if name not in PATCHES:
-        raise config.ConfigError(
-            f"unknown greenpatch patch {name!r}; accepted names: {', '.join(PATCHES)}"
-        )
+        raise config.ConfigError(f"unknown greenpatch patch {name!r}; accepted names: {', '.join(PATCHES)}")
     return importlib.import_module(PATCHES[name])
 
 
@@ -96,9 +94,7 @@ def patch_all(**flags: bool) -> list[str]:
                 f"patch_all() got unknown patch {name!r}; accepted names: {', '.join(PATCHES)}"
             )
         if not isinstance(value, bool):
-            raise config.ConfigError(
-                f"patch_all({name}={value!r}): expected True or False"
-            )
+            raise config.ConfigError(f"patch_all({name}={value!r}): expected True or False")
     if not config.enabled():
         log.info("GREENPATCH=0: greenpatch.patch_all() patches nothing")
         return []

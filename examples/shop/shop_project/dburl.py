@@ -30,9 +30,7 @@ def parse(url: str) -> dict:
         )
     name = unquote(parsed.path.lstrip("/"))
     if not _NAME.match(name):
-        raise ValueError(
-            f"SHOP_DB_URL={url!r}: database name {name!r} must be 1-64 letters, digits, _ or $"
-        )
+        raise ValueError(f"SHOP_DB_URL={url!r}: database name {name!r} must be 1-64 letters, digits, _ or $")
     return {
         "host": parsed.hostname or "127.0.0.1",
         "port": parsed.port or 3306,
