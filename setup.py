@@ -23,7 +23,14 @@ setup(
     extras_require={
         "django": ["Django>=4.2"],
         "prometheus": ["prometheus_client"],
-        "test": ["Django>=4.2", "pytest>=8", "cryptography", "ruff>=0.17,<0.18", "prometheus_client", "hypothesis"],
+        "test": [
+            "Django>=4.2",
+            "pytest>=8",
+            "cryptography",
+            "ruff>=0.17,<0.18",  # pinned: `ruff format --check` runs in scripts/test
+            "prometheus_client",
+            "hypothesis",
+        ],
     },
     entry_points={"console_scripts": ["greenpatch=greenpatch.__main__:main"]},
     classifiers=[
