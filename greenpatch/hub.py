@@ -58,6 +58,7 @@ __all__ = [
     "sleep",
     "spawn",
     "start_worker",
+    "stats",
     "wait",
     "wait_fd",
 ]
@@ -110,14 +111,70 @@ REUSED_GREENLETS = 128
 
 
 class _Carriers(threading.local):
-    """The worker greenlets of one thread: idle ones, and how many run a worker."""
+    """The worker greenlets of one thread: idle ones, how many run a worker,
+    and how many workers it has started and seen killed."""
 
     def __init__(self) -> None:
         self.idle: list[WorkerGreenlet] = []
         self.busy = 0
+        self.started = 0
+        self.killed = 0
+        # For stats(): this thread's counts, read from any thread, and the
+        # thread, to notice when it has ended.
+        ident = threading.get_ident()
+        with _threads_lock:
+            if ident in _threads:  # the ident of a thread that has ended
+                _retire_locked(ident)
+            _threads[ident] = (threading.current_thread(), self.__dict__)
+
+
+_threads_lock = threading.Lock()
+_threads: dict[int, tuple[threading.Thread, dict[str, Any]]] = {}
+_ended = {"started": 0, "killed": 0}  # counts of threads that have ended
+
+
+def _retire_locked(ident: int) -> None:
+    # Its parked workers and idle greenlets went with the thread.
+    _, counts = _threads.pop(ident)
+    _ended["started"] += counts["started"]
+    _ended["killed"] += counts["killed"]
 
 
 _carriers = _Carriers()
+
+
+def _reset_lock_in_child() -> None:
+    # Another thread may have held it when the process forked.
+    global _threads_lock
+    _threads_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
+def stats() -> dict[str, int]:
+    """Worker statistics of this process, all threads together.
+
+    ``running``: workers started and not ended (running, or parked on a
+    wait) - the requests in flight, for a server; ``idle_greenlets``: worker
+    greenlets kept for the next workers (at most `REUSED_GREENLETS` per
+    thread); ``started`` and ``killed``: workers started, and workers ended
+    by `Worker.kill` (a cancelled future, a client that went away), since
+    the process started (a forked child goes on from its parent's counts).
+    """
+    totals = {"running": 0, "idle_greenlets": 0, "started": 0, "killed": 0}
+    with _threads_lock:
+        for ident, (thread, _) in list(_threads.items()):
+            if not thread.is_alive() and thread is not threading.current_thread():
+                _retire_locked(ident)
+        for _, counts in _threads.values():
+            totals["running"] += counts["busy"]
+            totals["idle_greenlets"] += len(counts["idle"])
+            totals["started"] += counts["started"]
+            totals["killed"] += counts["killed"]
+        totals["started"] += _ended["started"]
+        totals["killed"] += _ended["killed"]
+    return totals
 
 
 class Worker:
@@ -169,6 +226,7 @@ class Worker:
         carriers = _carriers
         carrier = carriers.idle.pop() if carriers.idle else WorkerGreenlet()
         carriers.busy += 1
+        carriers.started += 1
         carrier.parent = getcurrent()
         carrier.worker = self
         self._greenlet = carrier
@@ -272,6 +330,7 @@ class WorkerGreenlet(greenlet.greenlet):
                 _local.reset(self)
                 self.gr_context = None
             if killed:
+                carriers.killed += 1
                 return  # unwound by GreenletExit: let this greenlet end
             if carriers.busy + len(carriers.idle) >= REUSED_GREENLETS:
                 return

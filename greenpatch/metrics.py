@@ -1,4 +1,4 @@
-"""Prometheus metrics for greenpatch's pools and blocking detector.
+"""Prometheus metrics for greenpatch's pools, workers and blocking detector.
 
 Needs ``prometheus_client`` (``pip install 'greenpatch[prometheus]'``)::
 
@@ -7,8 +7,8 @@ Needs ``prometheus_client`` (``pip install 'greenpatch[prometheus]'``)::
 
 then expose the registry as usual (``prometheus_client.start_http_server``,
 ``make_wsgi_app``, or ``generate_latest()`` in a view). The collector reads
-`greenpatch.stats` and `greenpatch.monitor.stats` at each scrape; nothing
-is updated on the hot path.
+`greenpatch.stats`, `greenpatch.hub.stats` and `greenpatch.monitor.stats`
+at each scrape; nothing is updated on the hot path.
 
 Metrics (label ``pool``: the pool's name, e.g. ``default/green``; pools
 sharing a name are added up):
@@ -30,6 +30,10 @@ sharing a name are added up):
 ``greenpatch_pool_cancels_total``            counter queries of cut connections killed on the server
 ``greenpatch_pool_wait_seconds``             summary time queued by checkouts that waited
 ``greenpatch_pool_wait_max_seconds``         gauge   longest such wait
+``greenpatch_workers_running``               gauge   workers started and not ended (requests in flight)
+``greenpatch_worker_greenlets_idle``          gauge   worker greenlets kept idle for reuse
+``greenpatch_workers_started_total``          counter workers started
+``greenpatch_workers_killed_total``           counter workers killed (cancelled, client gone)
 ``greenpatch_loop_blocked_total``            counter IOLoop blocking episodes
 ``greenpatch_loop_blocked_seconds_total``    counter their total duration
 ``greenpatch_loop_block_max_seconds``        gauge   the longest
@@ -60,7 +64,7 @@ except ImportError:  # pragma: no cover - prometheus_client < 0.14
     _CollectorBase = object  # type: ignore[assignment,misc]
 
 import greenpatch
-from greenpatch import monitor
+from greenpatch import hub, monitor
 
 __all__ = ["GreenpatchCollector", "register", "unregister"]
 
@@ -112,13 +116,18 @@ class GreenpatchCollector(_CollectorBase):
 
     def describe(self) -> Iterator[Any]:
         """The metric families, without samples (so registering has no side effects)."""
-        return self._families({}, None)
+        return self._families({}, None, None)
 
     def collect(self) -> Iterator[Any]:
         """Read the statistics now and yield the metric families."""
-        return self._families(_by_name(greenpatch.stats()), monitor.stats())
+        return self._families(_by_name(greenpatch.stats()), hub.stats(), monitor.stats())
 
-    def _families(self, pools: dict[str, dict[str, Any]], loop: dict[str, Any] | None) -> Iterator[Any]:
+    def _families(
+        self,
+        pools: dict[str, dict[str, Any]],
+        workers: dict[str, int] | None,
+        loop: dict[str, Any] | None,
+    ) -> Iterator[Any]:
         for key, doc in _GAUGES:
             family = GaugeMetricFamily(f"greenpatch_pool_{key}", doc, labels=["pool"])
             for name, s in pools.items():
@@ -152,6 +161,22 @@ class GreenpatchCollector(_CollectorBase):
         yield discards
         yield waits
         yield wait_max
+
+        running = GaugeMetricFamily(
+            "greenpatch_workers_running", "Workers started and not ended (requests in flight)"
+        )
+        idle = GaugeMetricFamily("greenpatch_worker_greenlets_idle", "Worker greenlets kept idle for reuse")
+        started = CounterMetricFamily("greenpatch_workers_started", "Workers started")
+        killed = CounterMetricFamily("greenpatch_workers_killed", "Workers killed (cancelled, client gone)")
+        if workers is not None:
+            running.add_metric([], workers["running"])
+            idle.add_metric([], workers["idle_greenlets"])
+            started.add_metric([], workers["started"])
+            killed.add_metric([], workers["killed"])
+        yield running
+        yield idle
+        yield started
+        yield killed
 
         blocked = CounterMetricFamily(
             "greenpatch_loop_blocked", "IOLoop blocking episodes longer than the threshold"

@@ -36,8 +36,8 @@ VM) is reported as blocked too, with whatever stack it had.
 `greenpatch.server.serve` and ``runserver`` under greenpatch start a
 detector on their loop (threshold from ``GREENPATCH_BLOCKING_THRESHOLD``,
 ``0`` disables it) and, when ``GREENPATCH_STATS_INTERVAL`` is set, a
-`StatsLogger` that writes one INFO line per connection pool to the
-``greenpatch.stats`` logger every that many seconds.
+`StatsLogger` that writes one INFO line per connection pool, and one of
+worker counts, to the ``greenpatch.stats`` logger every that many seconds.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from typing import Any
 
 from tornado.ioloop import IOLoop
 
-from greenpatch import config
+from greenpatch import config, hub
 
 __all__ = [
     "Monitor",
@@ -487,15 +487,19 @@ def _format_pool(s: Mapping[str, Any]) -> str:
 
 
 class StatsLogger:
-    """Log one INFO line per connection pool every ``interval`` seconds.
+    """Log one INFO line per connection pool, and one of worker counts, every ``interval`` seconds.
 
     Lines go to the ``greenpatch.stats`` logger, from a timer on
     ``io_loop``, e.g.::
 
         pool default/green: size=4/10 idle=1 in_use=3 waiting=2 timeouts=0 wait_mean=12.5ms waits=40
 
-    followed by a ``loop monitor`` line when a blocking detector runs in
-    the process. Create it with `start_stats_logger`; an ``interval`` of
+    then a line of worker counts (`greenpatch.hub.stats`)::
+
+        workers: running=35 idle_greenlets=12 started=18342 killed=3
+
+    and a ``loop monitor`` line when a blocking detector runs in the
+    process. Create it with `start_stats_logger`; an ``interval`` of
     None or 0 makes a disabled logger whose `stop` does nothing.
     """
 
@@ -546,6 +550,14 @@ class StatsLogger:
             stats_log.info("no connection pools")
         for pool in pools:
             stats_log.info("%s", _format_pool(pool))
+        w = hub.stats()
+        stats_log.info(
+            "workers: running=%d idle_greenlets=%d started=%d killed=%d",
+            w["running"],
+            w["idle_greenlets"],
+            w["started"],
+            w["killed"],
+        )
         m = stats()
         if m["loops"]:
             stats_log.info(

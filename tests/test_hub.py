@@ -359,3 +359,61 @@ def test_failing_workers_leave_their_greenlet_reusable():
 
     g1, g2 = run_loop(main)
     assert g1 is g2
+
+
+# -- hub.stats() ------------------------------------------------------------------------------
+
+
+def test_stats_count_running_idle_started_and_killed_workers():
+    # Earlier tests may have left workers parked on loops nobody runs: compare deltas.
+    before = hub.stats()
+
+    def parked(seconds):
+        greenpatch.sleep(seconds)
+
+    async def main():
+        hub._carriers.idle.clear()
+        quick = hub.start_worker(parked, 0.05)
+        victim = hub.start_worker(parked, 5)
+        await asyncio.sleep(0.01)
+        during = hub.stats()
+        victim.kill()
+        await quick.future
+        return during, hub.stats()
+
+    during, after = run_loop(main)
+    assert during["running"] - before["running"] == 2
+    assert during["started"] - before["started"] == 2
+    assert during["idle_greenlets"] == 0
+    assert after["running"] == before["running"]
+    assert after["started"] - before["started"] == 2
+    assert after["killed"] - before["killed"] == 1
+    assert after["idle_greenlets"] == 1  # the quick one's greenlet, kept; the killed one's ended
+
+
+def test_stats_add_up_threads_and_keep_the_counts_of_ended_ones():
+    before = hub.stats()
+    seen = {}
+
+    def in_a_thread():
+        async def main():
+            worker = hub.start_worker(greenpatch.sleep, 5)
+            await greenpatch.spawn(lambda: None)  # its greenlet is then idle
+            await asyncio.sleep(0.01)
+            seen["during"] = hub.stats()
+            worker.kill()
+            await asyncio.sleep(0)
+
+        IOLoop(make_current=False).run_sync(main)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    after = hub.stats()
+    assert seen["during"]["running"] - before["running"] == 1  # the parked one, in the other thread
+    assert seen["during"]["idle_greenlets"] - before["idle_greenlets"] == 1
+    # The thread has ended: its greenlets went with it, its counts stay.
+    assert after["running"] == before["running"]
+    assert after["idle_greenlets"] == before["idle_greenlets"]
+    assert after["started"] - before["started"] == 2
+    assert after["killed"] - before["killed"] == 1

@@ -23,6 +23,7 @@ from conftest import run_green, run_loop
 from tornado.ioloop import IOLoop
 
 import greenpatch
+import greenpatch.hub
 from greenpatch import monitor
 from greenpatch.config import ConfigError
 from greenpatch.pool import Pool, PoolTimeout
@@ -97,7 +98,7 @@ def test_stats_view_answers_pools_and_monitor_as_json(django_ready):
     assert response["Content-Type"] == "application/json"
     assert "no-cache" in response["Cache-Control"]
     data = json.loads(response.content)
-    assert set(data) == {"pid", "pools", "monitor"}
+    assert set(data) == {"pid", "pools", "workers", "monitor"}
     assert data["pid"] == os.getpid()
     names = [p["name"] for p in data["pools"]]
     assert "default/green" in names
@@ -105,6 +106,8 @@ def test_stats_view_answers_pools_and_monitor_as_json(django_ready):
     assert green["checkouts"] >= 1 and green["max_size"] == 5
     assert {"size", "idle", "in_use", "waiting", "timeouts", "wait", "discards"} <= set(green)
     assert data["monitor"] == json.loads(json.dumps(monitor.stats()))
+    assert set(data["workers"]) == {"running", "idle_greenlets", "started", "killed"}
+    assert data["workers"]["started"] >= 1 and data["workers"]["running"] == 0
     assert {"blocked", "max_block_seconds", "threshold"} <= set(data["monitor"])
 
     refused = views.stats(RequestFactory().post("/greenpatch/stats/"))
@@ -156,6 +159,7 @@ def test_stats_view_inside_a_worker(django_ready):
     data = json.loads(response.content)
     green = next(p for p in data["pools"] if p["name"] == "default/green")
     assert green["in_use"] >= 1  # this worker still holds its connection
+    assert data["workers"]["running"] == 1  # this one
 
 
 # -- (b) the periodic log lines --------------------------------------------------------------------------
@@ -193,6 +197,9 @@ def test_stats_logger_writes_one_line_per_pool(caplog):
         ours[-1],
     ), ours[-1]
     assert any(line.startswith("loop monitor: blocked=") for line in lines)
+    assert any(
+        re.fullmatch(r"workers: running=0 idle_greenlets=\d+ started=\d+ killed=\d+", line) for line in lines
+    ), lines
     for line in lines:
         assert "\n" not in line
     for conn in held:
@@ -305,6 +312,12 @@ def test_prometheus_collector(registry):
     assert value("greenpatch_pool_wait_seconds_count", **pool_label) == 0
     assert value("greenpatch_pool_wait_seconds_sum", **pool_label) == 0
 
+    w = greenpatch.hub.stats()
+    assert value("greenpatch_workers_running") == 0
+    assert value("greenpatch_worker_greenlets_idle") == w["idle_greenlets"]
+    assert value("greenpatch_workers_started_total") == w["started"]
+    assert value("greenpatch_workers_killed_total") == w["killed"]
+
     m = monitor.stats()
     assert value("greenpatch_loop_blocked_total") == m["blocked"]
     assert value("greenpatch_loop_block_max_seconds") == m["max_block_seconds"]
@@ -322,6 +335,8 @@ def test_prometheus_collector(registry):
     assert "# TYPE greenpatch_pool_size gauge" in text
     assert "# TYPE greenpatch_pool_checkouts_total counter" in text
     assert "# TYPE greenpatch_loop_blocked_total counter" in text
+    assert "# TYPE greenpatch_workers_running gauge" in text
+    assert "# TYPE greenpatch_workers_started_total counter" in text
 
     greenpatch.metrics.unregister(registry)
     assert value("greenpatch_pool_size", **pool_label) is None

@@ -24,22 +24,28 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonR
 from django.utils.cache import add_never_cache_headers
 
 import greenpatch
-from greenpatch import monitor
+from greenpatch import hub, monitor
 
 __all__ = ["stats", "stats_payload"]
 
 
 def stats_payload() -> dict:
-    """What `stats` answers: ``{"pid", "pools", "monitor"}``.
+    """What `stats` answers: ``{"pid", "pools", "workers", "monitor"}``.
 
     ``pools`` is `greenpatch.stats` (one entry per connection pool of this
-    process), ``monitor`` is `greenpatch.monitor.stats`.
+    process), ``workers`` is `greenpatch.hub.stats`, ``monitor`` is
+    `greenpatch.monitor.stats`.
     """
-    return {"pid": os.getpid(), "pools": greenpatch.stats(), "monitor": monitor.stats()}
+    return {
+        "pid": os.getpid(),
+        "pools": greenpatch.stats(),
+        "workers": hub.stats(),
+        "monitor": monitor.stats(),
+    }
 
 
 def stats(request: HttpRequest) -> HttpResponse:
-    """GET (or HEAD): this process's pool and blocking-detector statistics as JSON, never cached."""
+    """GET (or HEAD): this process's pool, worker and blocking-detector statistics as JSON, never cached."""
     if request.method not in ("GET", "HEAD"):
         return HttpResponseNotAllowed(["GET", "HEAD"])
     response = JsonResponse(stats_payload())

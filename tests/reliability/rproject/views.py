@@ -162,15 +162,15 @@ def stats(request):
     """Pools, greenlets (``gc`` count, before and after a collection), RSS, fds, threads.
 
     ``idle_worker_greenlets``: how many of the greenlets are worker greenlets
-    this (the loop's) thread keeps idle for reuse - as many as ran at once
-    at the busiest moment, up to ``hub.REUSED_GREENLETS``.
+    kept idle for reuse - as many as ran at once at the busiest moment, up
+    to ``hub.REUSED_GREENLETS`` per thread.
     """
     data = {"pid": os.getpid(), "pools": greenpatch.stats(), "worker": greenpatch.is_worker()}
     if request.GET.get("gc"):
         data["greenlets_uncollected"] = _greenlets()
         gc.collect()
         data["greenlets"] = _greenlets()
-        data["idle_worker_greenlets"] = len(hub._carriers.idle)
+        data["idle_worker_greenlets"] = hub.stats()["idle_greenlets"]
         data["gc_garbage"] = len(gc.garbage)
     data["rss_kb"] = _rss_kb()
     data["fds"] = len(os.listdir("/proc/self/fd"))
