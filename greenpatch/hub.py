@@ -36,6 +36,7 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -110,34 +111,48 @@ def _silence(future: asyncio.Future) -> None:
 REUSED_GREENLETS = 128
 
 
-class _Carriers(threading.local):
-    """The worker greenlets of one thread: idle ones, how many run a worker,
-    and how many workers it has started and seen killed."""
+class _Counts:
+    """One thread's worker counts, readable from any thread (see `stats`)."""
+
+    __slots__ = ("busy", "started", "killed")
 
     def __init__(self) -> None:
-        self.idle: list[WorkerGreenlet] = []
-        self.busy = 0
+        self.busy = 0  # workers running or parked
         self.started = 0
         self.killed = 0
-        # For stats(): this thread's counts, read from any thread, and the
-        # thread, to notice when it has ended.
+
+
+class _IdleList(list):
+    """A thread's idle worker greenlets (weakly referenced by `stats`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _Carriers(threading.local):
+    """The worker greenlets of one thread: idle ones, and its counts."""
+
+    def __init__(self) -> None:
+        self.idle: _IdleList = _IdleList()
+        self.counts = _Counts()
+        # For stats(), which reads every thread's counts. The idle greenlets
+        # are only referenced weakly: they go when the thread ends.
         ident = threading.get_ident()
         with _threads_lock:
             if ident in _threads:  # the ident of a thread that has ended
                 _retire_locked(ident)
-            _threads[ident] = (threading.current_thread(), self.__dict__)
+            _threads[ident] = (threading.current_thread(), self.counts, weakref.ref(self.idle))
 
 
 _threads_lock = threading.Lock()
-_threads: dict[int, tuple[threading.Thread, dict[str, Any]]] = {}
-_ended = {"started": 0, "killed": 0}  # counts of threads that have ended
+_threads: dict[int, tuple[threading.Thread, _Counts, weakref.ref]] = {}
+_ended = _Counts()  # started and killed of threads that have ended
 
 
 def _retire_locked(ident: int) -> None:
     # Its parked workers and idle greenlets went with the thread.
-    _, counts = _threads.pop(ident)
-    _ended["started"] += counts["started"]
-    _ended["killed"] += counts["killed"]
+    _, counts, _ = _threads.pop(ident)
+    _ended.started += counts.started
+    _ended.killed += counts.killed
 
 
 _carriers = _Carriers()
@@ -162,18 +177,17 @@ def stats() -> dict[str, int]:
     by `Worker.kill` (a cancelled future, a client that went away), since
     the process started (a forked child goes on from its parent's counts).
     """
-    totals = {"running": 0, "idle_greenlets": 0, "started": 0, "killed": 0}
     with _threads_lock:
-        for ident, (thread, _) in list(_threads.items()):
+        for ident, (thread, _, _) in list(_threads.items()):
             if not thread.is_alive() and thread is not threading.current_thread():
                 _retire_locked(ident)
-        for _, counts in _threads.values():
-            totals["running"] += counts["busy"]
-            totals["idle_greenlets"] += len(counts["idle"])
-            totals["started"] += counts["started"]
-            totals["killed"] += counts["killed"]
-        totals["started"] += _ended["started"]
-        totals["killed"] += _ended["killed"]
+        totals = {"running": 0, "idle_greenlets": 0, "started": _ended.started, "killed": _ended.killed}
+        for _, counts, idle_ref in _threads.values():
+            idle = idle_ref()
+            totals["running"] += counts.busy
+            totals["idle_greenlets"] += len(idle) if idle is not None else 0
+            totals["started"] += counts.started
+            totals["killed"] += counts.killed
     return totals
 
 
@@ -225,8 +239,9 @@ class Worker:
             return
         carriers = _carriers
         carrier = carriers.idle.pop() if carriers.idle else WorkerGreenlet()
-        carriers.busy += 1
-        carriers.started += 1
+        counts = carriers.counts
+        counts.busy += 1
+        counts.started += 1
         carrier.parent = getcurrent()
         carrier.worker = self
         self._greenlet = carrier
@@ -323,16 +338,17 @@ class WorkerGreenlet(greenlet.greenlet):
                 worker._greenlet = None
                 self.worker = None
                 carriers = _carriers
-                carriers.busy -= 1
+                counts = carriers.counts
+                counts.busy -= 1
                 # Nothing a worker stored is seen by the next: its
                 # GreenletLocals and its contextvars context go (the next
                 # starts with an empty one, as a new greenlet would).
                 _local.reset(self)
                 self.gr_context = None
             if killed:
-                carriers.killed += 1
+                counts.killed += 1
                 return  # unwound by GreenletExit: let this greenlet end
-            if carriers.busy + len(carriers.idle) >= REUSED_GREENLETS:
+            if counts.busy + len(carriers.idle) >= REUSED_GREENLETS:
                 return
             carriers.idle.append(self)
             try:

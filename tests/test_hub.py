@@ -323,7 +323,7 @@ def test_a_killed_workers_greenlet_is_not_reused():
 
 def test_greenlets_are_reused_only_while_a_thread_has_few(monkeypatch):
     # Workers of earlier tests may still be parked on loops nobody runs.
-    others = hub._carriers.busy
+    others = hub._carriers.counts.busy
     monkeypatch.setattr(hub, "REUSED_GREENLETS", others + 3)
 
     def parked(seconds):
@@ -338,7 +338,7 @@ def test_greenlets_are_reused_only_while_a_thread_has_few(monkeypatch):
         few = await burst(2)
         kept_after_few = [g for g in hub._carriers.idle if not g.dead]
         many = await burst(10)
-        return few, kept_after_few, many, list(hub._carriers.idle), hub._carriers.busy
+        return few, kept_after_few, many, list(hub._carriers.idle), hub._carriers.counts.busy
 
     few, kept_after_few, many, kept_after_many, busy = run_loop(main)
     assert set(kept_after_few) == set(few)  # 2 < 3: both kept, alive
