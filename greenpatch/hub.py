@@ -288,6 +288,67 @@ class Worker:
             carrier.throw(GreenletExit)
 
 
+def _carry() -> None:
+    # The body of every WorkerGreenlet: run its worker, then wait, idle, for
+    # the next one. Everything is inline: each Python frame between this and
+    # the worker's function is stack memory every parked worker holds. While
+    # idle, the frame holds nothing of the last worker (its function,
+    # arguments, result) and no reference to its own greenlet: a suspended
+    # greenlet referenced by its own frame is never freed, so the idle
+    # greenlets of a thread that ended would leak.
+    while True:
+        me: WorkerGreenlet = getcurrent()  # type: ignore[assignment]
+        worker = me.worker
+        assert worker is not None
+        future = worker.future
+        fn, args, kwargs = worker.fn, worker.args, worker.kwargs
+        # Drop references early: the future may outlive the worker.
+        worker.fn = worker.args = worker.kwargs = None
+        killed = False
+        try:
+            try:
+                result = fn(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                worker._run_exit_hooks()
+        except GreenletExit:
+            killed = True
+            if not future.done():
+                future.cancel()
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+            elif not isinstance(exc, Exception):
+                raise
+            else:
+                log.debug("%r failed after its future was cancelled", worker, exc_info=True)
+        else:
+            if not future.done():
+                future.set_result(result)
+        finally:
+            worker._done = True
+            worker._greenlet = None
+            me.worker = None
+            carriers = _carriers
+            counts = carriers.counts
+            counts.busy -= 1
+            # Nothing a worker stored is seen by the next: its
+            # GreenletLocals and its contextvars context go (the next
+            # starts with an empty one, as a new greenlet would).
+            _local.reset(me)
+            me.gr_context = None
+        if killed:
+            counts.killed += 1
+            return  # unwound by GreenletExit: let this greenlet end
+        if counts.busy + len(carriers.idle) >= REUSED_GREENLETS:
+            return
+        carriers.idle.append(me)
+        me = worker = future = fn = args = kwargs = result = None  # type: ignore[assignment]
+        try:
+            getcurrent().parent.switch()  # idle until Worker._start hands over the next one
+        except GreenletExit:  # collected while idle
+            return
+
+
 class WorkerGreenlet(greenlet.greenlet):
     """The greenlet workers run in: one worker at a time, then the next.
 
@@ -296,65 +357,12 @@ class WorkerGreenlet(greenlet.greenlet):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(_carry)
         self.worker: Worker | None = None
         self._wait_token: object | None = None
 
     def __repr__(self) -> str:
         return f"<greenpatch.WorkerGreenlet running {self.worker!r}>"
-
-    def run(self) -> None:  # type: ignore[override]
-        # Everything is inline here: each Python frame between this and the
-        # worker's function is stack memory every parked worker holds.
-        while True:
-            worker = self.worker
-            assert worker is not None
-            future = worker.future
-            fn, args, kwargs = worker.fn, worker.args, worker.kwargs
-            # Drop references early: the future may outlive the worker.
-            worker.fn = worker.args = worker.kwargs = None
-            killed = False
-            try:
-                try:
-                    result = fn(*args, **kwargs)  # type: ignore[misc]
-                finally:
-                    worker._run_exit_hooks()
-            except GreenletExit:
-                killed = True
-                if not future.done():
-                    future.cancel()
-            except BaseException as exc:
-                if not future.done():
-                    future.set_exception(exc)
-                elif not isinstance(exc, Exception):
-                    raise
-                else:
-                    log.debug("%r failed after its future was cancelled", worker, exc_info=True)
-            else:
-                if not future.done():
-                    future.set_result(result)
-            finally:
-                worker._done = True
-                worker._greenlet = None
-                self.worker = None
-                carriers = _carriers
-                counts = carriers.counts
-                counts.busy -= 1
-                # Nothing a worker stored is seen by the next: its
-                # GreenletLocals and its contextvars context go (the next
-                # starts with an empty one, as a new greenlet would).
-                _local.reset(self)
-                self.gr_context = None
-            if killed:
-                counts.killed += 1
-                return  # unwound by GreenletExit: let this greenlet end
-            if counts.busy + len(carriers.idle) >= REUSED_GREENLETS:
-                return
-            carriers.idle.append(self)
-            try:
-                self.parent.switch()  # idle until Worker._start hands over the next one
-            except GreenletExit:  # collected while idle
-                return
 
     # -- waiting -----------------------------------------------------------
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 import traceback
+import weakref
 
 import greenlet
 import pytest
@@ -417,3 +419,46 @@ def test_stats_add_up_threads_and_keep_the_counts_of_ended_ones():
     assert after["idle_greenlets"] == before["idle_greenlets"]
     assert after["started"] - before["started"] == 2
     assert after["killed"] - before["killed"] == 1
+
+
+def test_an_idle_greenlet_keeps_nothing_of_its_last_worker():
+    class Payload:
+        pass
+
+    refs = []
+
+    def work(arg):
+        result = Payload()
+        refs.extend([weakref.ref(arg), weakref.ref(result)])
+        return result
+
+    async def main():
+        worker = hub.start_worker(work, Payload())
+        await worker.future
+        carrier = hub._carriers.idle[-1]
+        return weakref.ref(worker), carrier
+
+    worker_ref, carrier = run_loop(main)
+    gc.collect()
+    assert not carrier.dead  # idle, kept for the next worker...
+    assert [r() for r in refs] == [None, None]  # ...without its argument or result
+    assert worker_ref() is None
+
+
+def test_the_idle_greenlets_of_a_thread_that_ended_are_freed():
+    refs = []
+
+    def in_a_thread():
+        async def main():
+            await greenpatch.spawn(lambda: refs.append(weakref.ref(greenlet.getcurrent())))
+            assert hub._carriers.idle  # the greenlet is idle, kept for reuse
+
+        loop = IOLoop(make_current=False)
+        loop.run_sync(main)
+        loop.close()
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert refs and refs[0]() is None
