@@ -56,6 +56,15 @@ def scalar(conn, sql: str, args=None):
     return None if row is None else row[0]
 
 
+def scalar_from(pool, sql: str):
+    """Check a connection out of ``pool``, run ``sql`` on it, check it back in."""
+    conn = pool.checkout()
+    try:
+        return scalar(conn, sql)
+    finally:
+        pool.checkin(conn)
+
+
 async def until(predicate, timeout: float = 5.0) -> None:
     """Let the loop run until ``predicate()`` is true."""
     deadline = time.monotonic() + timeout
@@ -227,11 +236,7 @@ def test_checkin_from_another_thread_wakes_a_worker(db, patched, pools):
     conn = pool.checkout()  # this thread holds the only connection
 
     def waiter():
-        c = pool.checkout()
-        try:
-            return scalar(c, "SELECT 9")
-        finally:
-            pool.checkin(c)
+        return scalar_from(pool, "SELECT 9")
 
     async def main():
         future = greenpatch.spawn(waiter)
@@ -622,11 +627,7 @@ def test_failed_connect_lets_the_next_waiter_connect(db, patched):
     pool = Pool(connect, name="retry", max_size=1, timeout=5)
 
     def use():
-        conn = pool.checkout()
-        try:
-            return scalar(conn, "SELECT 7")
-        finally:
-            pool.checkin(conn)
+        return scalar_from(pool, "SELECT 7")
 
     async def main():
         first = greenpatch.spawn(use)
