@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pymysql.err
-from tornado.ioloop import IOLoop
 
 from greenpatch import hub
 from greenpatch.patches.pymysql import green_socket_of
@@ -311,21 +310,29 @@ class _Record:
 class _Waiter:
     """One caller in the queue: a worker (``future``) or a thread (``event``)."""
 
-    __slots__ = ("event", "future", "grant", "loop", "since")
+    __slots__ = ("aloop", "event", "future", "grant", "since", "thread")
 
     def __init__(self, since: float) -> None:
         self.grant: Any = None  # set under the lock, once: a record, _CONNECT or _CLOSED
         self.since = since
-        self.loop: IOLoop | None = None
+        self.aloop: asyncio.AbstractEventLoop | None = None
+        self.thread = 0  # of the worker's loop
         self.future: asyncio.Future | None = None
         self.event: threading.Event | None = None
 
     def notify(self) -> None:
-        """Wake the waiter; safe from any thread. Raises if its loop is closed."""
+        """Wake the waiter; safe from any thread. Raises RuntimeError if its loop is closed.
+
+        (Tornado's ``add_callback`` would swallow that error, and the
+        grant with it: the connection would be lost to a worker that can
+        never run.)
+        """
         if self.event is not None:
             self.event.set()
+        elif threading.get_ident() == self.thread:
+            self.aloop.call_soon(_resolve, self.future)  # type: ignore[union-attr]
         else:
-            self.loop.add_callback(_resolve, self.future)  # type: ignore[union-attr]
+            self.aloop.call_soon_threadsafe(_resolve, self.future)  # type: ignore[union-attr]
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -717,8 +724,9 @@ class Pool:
         waiter = _Waiter(start)
         worker = hub.current_worker()
         if worker is not None:
-            waiter.loop = worker.loop
-            waiter.future = worker.loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
+            waiter.aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
+            waiter.thread = threading.get_ident()
+            waiter.future = waiter.aloop.create_future()  # type: ignore[union-attr]
         else:
             waiter.event = threading.Event()
         self._waiters.append(waiter)

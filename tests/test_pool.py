@@ -561,6 +561,23 @@ def test_killed_waiters_leave_the_queue(db, patched, pools):
     assert (s["in_use"], s["waiting"], s["connecting"], s["size"]) == (0, 0, 0, 1)
 
 
+def test_a_waiter_whose_loop_was_closed_does_not_swallow_the_connection(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=10)
+    conn = pool.checkout()  # this thread holds the only connection
+
+    async def main():
+        greenpatch.spawn(pool.checkout)  # queued, and still queued when its loop is closed
+        await until(lambda: pool.stats()["waiting"] == 1)
+
+    run_loop(main)
+    pool.checkin(conn)  # first in line is that waiter: it can never run
+    s = pool.stats()
+    assert (s["size"], s["idle"], s["in_use"], s["waiting"]) == (1, 1, 0, 0)
+    again = pool.checkout(timeout=1)
+    assert again is conn
+    pool.checkin(again)
+
+
 def test_connection_granted_to_a_waiter_killed_before_it_ran_goes_to_the_next(db, patched, pools):
     pool = pools(db, max_size=1, timeout=10)
     got = []
