@@ -18,7 +18,7 @@ Django connection goes back to greenpatch's pool (watch ``/stats``).
     POST /products/<id>/buy     select_for_update; 409 when out of stock (green)
     GET  /slow?seconds=0.5      SELECT SLEEP(seconds), then a count (green)
     GET  /categories            async def handler awaiting greenpatch.spawn()
-    GET  /stats                 greenpatch.stats(): the connection pools
+    GET  /stats                 greenpatch.stats() and hub.stats(): pools, workers
 
 With ``GREENPATCH=0`` nothing is patched and Django refuses ORM calls while
 the loop runs (``SynchronousOnlyOperation``, a 500). Forcing them with
@@ -152,7 +152,14 @@ class CategoriesHandler(JSONHandler):
 
 class StatsHandler(JSONHandler):
     def get(self) -> None:
-        self.write_json({"pid": os.getpid(), "patched": greenpatch.patched(), "pools": greenpatch.stats()})
+        self.write_json(
+            {
+                "pid": os.getpid(),
+                "patched": greenpatch.patched(),
+                "pools": greenpatch.stats(),
+                "workers": greenpatch.hub.stats(),
+            }
+        )
 
 
 def make_app() -> tornado.web.Application:

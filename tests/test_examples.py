@@ -298,6 +298,8 @@ def test_tornado_slow_requests_run_concurrently_in_one_thread(tornado_app):
     assert [p["name"] for p in pools] == ["default/green"]
     # Each handler's worker has ended, and with it the hold on its connection.
     assert pools[0]["in_use"] == 0 and pools[0]["waiting"] == 0 and pools[0]["size"] >= 1, pools
+    workers = http("GET", f"{tornado_app.base}/stats")[1]["workers"]
+    assert workers["started"] >= 10 and workers["running"] == 0, workers  # /stats is not green
     assert http("GET", f"{tornado_app.base}/slow?seconds=abc")[0] == 400
 
 
@@ -357,6 +359,8 @@ def test_runserver_slow_requests_overlap(runserver):
             break
         time.sleep(0.05)
     assert pools and pools[0]["in_use"] == 0 and pools[0]["waiting"] == 0, pools
+    workers = http("GET", f"{runserver.base}/stats/")[1]["workers"]
+    assert workers["started"] >= 11 and workers["running"] == 1, workers  # 1: this /stats/ request
 
 
 def test_runserver_buys_are_atomic(runserver, shop):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import greenpatch
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from greenpatch.django.views import stats_payload
 
 from catalog import services
 from catalog.models import Product
@@ -70,8 +70,9 @@ def slow(request):
 
 @require_GET
 def stats(request):
-    """The connection pools of this process (``greenpatch.stats()``)."""
-    return JsonResponse({"pid": os.getpid(), "patched": greenpatch.patched(), "pools": greenpatch.stats()})
+    """What ``greenpatch.django.views.stats`` answers (the pools, workers and
+    blocking detector of this process), with the patches applied."""
+    return JsonResponse({**stats_payload(), "patched": greenpatch.patched()})
 
 
 @require_GET
