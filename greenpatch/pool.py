@@ -946,10 +946,9 @@ class Pool:
         # would fight the busy loop thread for the GIL at every step of its
         # connect (a burst of disconnects then stalled the loop for ~1 s).
         # Elsewhere, a short-lived thread with a blocking connection.
-        if hub.is_worker():
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                hub.start_worker(cancel)
-                return
+        if hub.is_worker():  # so its loop runs: the new worker starts on its next turn
+            hub.start_worker(cancel)
+            return
         threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
 
     def _send_cancel(self, work: Any) -> None:
