@@ -179,7 +179,7 @@ def stats() -> dict[str, int]:
     """
     with _threads_lock:
         for ident, (thread, _, _) in list(_threads.items()):
-            if not thread.is_alive() and thread is not threading.current_thread():
+            if not thread.is_alive():
                 _retire_locked(ident)
         totals = {"running": 0, "idle_greenlets": 0, "started": _ended.started, "killed": _ended.killed}
         for _, counts, idle_ref in _threads.values():

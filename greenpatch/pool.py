@@ -310,13 +310,12 @@ class _Record:
 class _Waiter:
     """One caller in the queue: a worker (``future``) or a thread (``event``)."""
 
-    __slots__ = ("aloop", "event", "future", "grant", "since", "thread")
+    __slots__ = ("event", "future", "grant", "since", "thread")
 
     def __init__(self, since: float) -> None:
         self.grant: Any = None  # set under the lock, once: a record, _CONNECT or _CLOSED
         self.since = since
-        self.aloop: asyncio.AbstractEventLoop | None = None
-        self.thread = 0  # of the worker's loop
+        self.thread = 0  # that runs the worker's loop
         self.future: asyncio.Future | None = None
         self.event: threading.Event | None = None
 
@@ -329,10 +328,12 @@ class _Waiter:
         """
         if self.event is not None:
             self.event.set()
-        elif threading.get_ident() == self.thread:
-            self.aloop.call_soon(_resolve, self.future)  # type: ignore[union-attr]
+            return
+        aloop = self.future.get_loop()  # type: ignore[union-attr]
+        if threading.get_ident() == self.thread:
+            aloop.call_soon(_resolve, self.future)
         else:
-            self.aloop.call_soon_threadsafe(_resolve, self.future)  # type: ignore[union-attr]
+            aloop.call_soon_threadsafe(_resolve, self.future)
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -724,9 +725,8 @@ class Pool:
         waiter = _Waiter(start)
         worker = hub.current_worker()
         if worker is not None:
-            waiter.aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
             waiter.thread = threading.get_ident()
-            waiter.future = waiter.aloop.create_future()  # type: ignore[union-attr]
+            waiter.future = worker.loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
         else:
             waiter.event = threading.Event()
         self._waiters.append(waiter)

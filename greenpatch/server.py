@@ -1029,8 +1029,8 @@ class GreenWSGIServer(HTTPServer):
     def _close_connections_idle_too_long(self) -> None:
         assert self.idle_connection_timeout is not None
         deadline = time.monotonic() - self.idle_connection_timeout
-        for conn in list(self._connections):
-            since = getattr(conn, "waiting_since", None)
+        for conn in list(self._connections):  # all made by handle_stream: _ServerConnection
+            since = conn.waiting_since  # type: ignore[attr-defined]
             if since is not None and since <= deadline:
                 conn.stream.close()
 
