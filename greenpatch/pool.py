@@ -325,15 +325,26 @@ class _Waiter:
         (Tornado's ``add_callback`` would swallow that error, and the
         grant with it: the connection would be lost to a worker that can
         never run.)
+
+        On the worker's own thread the future is resolved at once, so the
+        worker resumes on the next loop iteration. Every iteration the
+        connection waits to be picked up is time it serves nobody: under
+        load an iteration lasts milliseconds, and resolving the future
+        through one more ``call_soon`` cost ``/slow`` at c=256 (40
+        connections, one process) about 9 % of its requests per second.
         """
         if self.event is not None:
             self.event.set()
             return
-        aloop = self.future.get_loop()  # type: ignore[union-attr]
-        if threading.get_ident() == self.thread:
-            aloop.call_soon(_resolve, self.future)
-        else:
-            aloop.call_soon_threadsafe(_resolve, self.future)
+        future: asyncio.Future = self.future  # type: ignore[assignment]
+        aloop = future.get_loop()
+        if threading.get_ident() != self.thread:
+            aloop.call_soon_threadsafe(_resolve, future)
+        elif aloop.is_closed():
+            # set_result() on a future without callbacks would not notice.
+            raise RuntimeError("Event loop is closed")
+        elif not future.done():
+            future.set_result(None)
 
 
 def _resolve(future: asyncio.Future) -> None:

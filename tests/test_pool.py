@@ -16,7 +16,7 @@ import time
 import pymysql
 import pytest
 from conftest import run_green, run_loop
-from tornado.ioloop import PeriodicCallback
+from tornado.ioloop import IOLoop, PeriodicCallback
 
 import greenpatch
 from greenpatch import hub
@@ -578,6 +578,39 @@ def test_a_waiter_whose_loop_was_closed_does_not_swallow_the_connection(db, patc
     pool.checkin(again)
 
 
+def test_a_waiting_worker_resumes_on_the_next_loop_iteration_after_checkin(db, patched, pools):
+    # The connection serves nobody until its new holder runs: the handoff
+    # must not cost more than the one iteration that resumes the worker.
+    pool = pools(db, max_size=1, timeout=10)
+    order = []
+
+    def waiter():
+        conn = pool.checkout()
+        order.append("waiter resumed")
+        pool.checkin(conn)
+
+    def holder(started):
+        conn = pool.checkout()
+        started.set_result(None)
+        while not pool.stats()["waiting"]:
+            greenpatch.sleep(0.001)
+        pool.checkin(conn)  # granted to the waiter...
+        # ...which runs before anything scheduled after the checkin:
+        IOLoop.current().add_callback(order.append, "next iteration")
+
+    async def main():
+        started = asyncio.get_running_loop().create_future()
+        held = greenpatch.spawn(holder, started)
+        await started
+        waited = greenpatch.spawn(waiter)
+        await held
+        await waited
+        await asyncio.sleep(0)
+
+    run_loop(main)
+    assert order == ["waiter resumed", "next iteration"]
+
+
 def test_connection_granted_to_a_waiter_killed_before_it_ran_goes_to_the_next(db, patched, pools):
     pool = pools(db, max_size=1, timeout=10)
     got = []
@@ -592,13 +625,13 @@ def test_connection_granted_to_a_waiter_killed_before_it_ran_goes_to_the_next(db
 
     async def main():
         conn = await greenpatch.spawn(take)  # held, not returned by its worker
-        f1 = greenpatch.spawn(waiter, 1)
+        w1 = hub.start_worker(waiter, 1)
         f2 = greenpatch.spawn(waiter, 2)
         pool.checkin(conn)  # granted to waiter 1, whose wake-up is only scheduled...
         assert pool.stats()["waiting"] == 1
-        f1.cancel()  # ...and killed before it runs: waiter 2 must get it
+        w1.kill()  # ...and killed before it runs: waiter 2 must get it
         await f2
-        return f1, conn.thread_id()
+        return w1.future, conn.thread_id()
 
     f1, thread_id = run_loop(main)
     assert f1.cancelled()
