@@ -30,6 +30,8 @@ sharing a name are added up):
 ``greenpatch_pool_cancels_total``            counter queries of cut connections killed on the server
 ``greenpatch_pool_wait_seconds``             summary time queued by checkouts that waited
 ``greenpatch_pool_wait_max_seconds``         gauge   longest such wait
+``greenpatch_pool_held_seconds``             summary time from checkout to checkin
+``greenpatch_pool_held_max_seconds``         gauge   longest such hold
 ``greenpatch_workers_running``               gauge   workers started and not ended (requests in flight)
 ``greenpatch_worker_greenlets_idle``          gauge   worker greenlets kept idle for reuse
 ``greenpatch_workers_started_total``          counter workers started
@@ -87,27 +89,40 @@ _COUNTERS = (
 )
 
 
+# Timings of stats(): (key, summary's help, max gauge's help).
+_TIMINGS = {
+    "wait": (
+        "Seconds queued by checkouts that had to wait and were served",
+        "Longest time a checkout of the pool waited",
+    ),
+    "held": (
+        "Seconds from checkout to checkin (or discard) of the pool's connections",
+        "Longest time a connection of the pool was held",
+    ),
+}
+
+
 def _by_name(pools: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Pool statistics keyed by name; pools sharing a name are added up."""
     merged: dict[str, dict[str, Any]] = {}
     for s in pools:
         m = merged.get(s["name"])
-        wait = s.get("wait", {})
-        count = wait.get("count", 0)
         if m is None:
             m = merged[s["name"]] = {key: s[key] for key, _ in _GAUGES + _COUNTERS}
             m["discards"] = dict(s.get("discards", {}))
-            m["wait_count"] = count
-            m["wait_sum"] = wait.get("mean", 0.0) * count
-            m["wait_max"] = wait.get("max", 0.0)
-            continue
-        for key, _ in _GAUGES + _COUNTERS:
-            m[key] += s[key]
-        for reason, n in s.get("discards", {}).items():
-            m["discards"][reason] = m["discards"].get(reason, 0) + n
-        m["wait_count"] += count
-        m["wait_sum"] += wait.get("mean", 0.0) * count
-        m["wait_max"] = max(m["wait_max"], wait.get("max", 0.0))
+            for timing in _TIMINGS:
+                m[f"{timing}_count"] = m[f"{timing}_sum"] = m[f"{timing}_max"] = 0
+        else:
+            for key, _ in _GAUGES + _COUNTERS:
+                m[key] += s[key]
+            for reason, n in s.get("discards", {}).items():
+                m["discards"][reason] = m["discards"].get(reason, 0) + n
+        for timing in _TIMINGS:
+            figures = s.get(timing, {})
+            count = figures.get("count", 0)
+            m[f"{timing}_count"] += count
+            m[f"{timing}_sum"] += figures.get("mean", 0.0) * count
+            m[f"{timing}_max"] = max(m[f"{timing}_max"], figures.get("max", 0.0))
     return merged
 
 
@@ -143,24 +158,18 @@ class GreenpatchCollector(_CollectorBase):
             "Connections the pool discarded, by reason (closed, lifetime, idle, check_failed, ...)",
             labels=["pool", "reason"],
         )
-        waits = SummaryMetricFamily(
-            "greenpatch_pool_wait_seconds",
-            "Seconds queued by checkouts that had to wait and were served",
-            labels=["pool"],
-        )
-        wait_max = GaugeMetricFamily(
-            "greenpatch_pool_wait_max_seconds",
-            "Longest time a checkout of the pool waited",
-            labels=["pool"],
-        )
         for name, s in pools.items():
             for reason, n in sorted(s["discards"].items()):
                 discards.add_metric([name, reason], n)
-            waits.add_metric([name], s["wait_count"], s["wait_sum"])
-            wait_max.add_metric([name], s["wait_max"])
         yield discards
-        yield waits
-        yield wait_max
+        for timing, (doc, max_doc) in _TIMINGS.items():
+            summary = SummaryMetricFamily(f"greenpatch_pool_{timing}_seconds", doc, labels=["pool"])
+            longest = GaugeMetricFamily(f"greenpatch_pool_{timing}_max_seconds", max_doc, labels=["pool"])
+            for name, s in pools.items():
+                summary.add_metric([name], s[f"{timing}_count"], s[f"{timing}_sum"])
+                longest.add_metric([name], s[f"{timing}_max"])
+            yield summary
+            yield longest
 
         running = GaugeMetricFamily(
             "greenpatch_workers_running", "Workers started and not ended (requests in flight)"

@@ -479,10 +479,12 @@ def start(io_loop: IOLoop | None = None, threshold: float | None = None) -> Moni
 
 def _format_pool(s: Mapping[str, Any]) -> str:
     wait = s.get("wait", {})
+    held = s.get("held", {})
     return (
         f"pool {s['name']}: size={s['size']}/{s['max_size']} idle={s['idle']} in_use={s['in_use']} "
         f"waiting={s['waiting']} timeouts={s['timeouts']} "
-        f"wait_mean={wait.get('mean', 0.0) * 1000:.1f}ms waits={wait.get('count', 0)}"
+        f"wait_mean={wait.get('mean', 0.0) * 1000:.1f}ms waits={wait.get('count', 0)} "
+        f"held_mean={held.get('mean', 0.0) * 1000:.1f}ms"
     )
 
 
@@ -490,11 +492,12 @@ class StatsLogger:
     """Log one INFO line per connection pool, and one of worker counts, every ``interval`` seconds.
 
     Lines go to the ``greenpatch.stats`` logger, from a timer on
-    ``io_loop``, e.g.::
+    ``io_loop``. A pool's line, e.g.::
 
-        pool default/green: size=4/10 idle=1 in_use=3 waiting=2 timeouts=0 wait_mean=12.5ms waits=40
+        pool default/green: size=4/10 idle=1 in_use=3 waiting=2 timeouts=0 wait_mean=12.5ms waits=40 ...
 
-    then a line of worker counts (`greenpatch.hub.stats`)::
+    ends with ``held_mean=8.2ms``; then a line of worker counts
+    (`greenpatch.hub.stats`)::
 
         workers: running=35 idle_greenlets=12 started=18342 killed=3
 

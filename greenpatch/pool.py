@@ -499,6 +499,9 @@ class Pool:
         self._wait_count = 0
         self._wait_total = 0.0
         self._wait_max = 0.0
+        self._held_count = 0
+        self._held_total = 0.0
+        self._held_max = 0.0
 
     def __repr__(self) -> str:
         return f"<greenpatch.pool.Pool {self.name!r} {len(self._records)}/{self.max_size}>"
@@ -571,6 +574,7 @@ class Pool:
             rec = self._held_record_locked(conn, "check in")
             rec.state = _RETURNING
             self._checkins += 1
+            self._count_held_locked(rec, now)
             self._scan_leaks_locked(now, leaks, also=rec)
         self._log_leaks(leaks)
         reason = None
@@ -617,6 +621,7 @@ class Pool:
         with self._lock:
             rec = self._held_record_locked(conn, "discard")
             rec.state = _RETURNING
+            self._count_held_locked(rec, time.monotonic())
         self._remove(rec, reason)
 
     @contextlib.contextmanager
@@ -654,9 +659,13 @@ class Pool:
         (or fork): ``connects``, ``connect_errors``, ``checkouts``,
         ``checkins``, ``discards`` (by reason), ``cancels`` (server-side work
         of cut connections cancelled), ``timeouts`` (including
-        `PoolTooManyWaiting`), and ``wait`` - ``count``, ``mean`` and
+        `PoolTooManyWaiting`), ``wait`` - ``count``, ``mean`` and
         ``max`` seconds spent queued by checkouts that had to wait and
-        were served.
+        were served - and ``held``: the same for the time from checkout to
+        checkin (or discard). A pool whose callers wait is short of
+        connections, or its connections are held for longer than their
+        queries take: with Django, from the request's first query to the
+        end of its response.
         """
         self._check_fork()
         leaks: list[str] = []
@@ -684,6 +693,11 @@ class Pool:
                     "count": self._wait_count,
                     "mean": self._wait_total / self._wait_count if self._wait_count else 0.0,
                     "max": self._wait_max,
+                },
+                "held": {
+                    "count": self._held_count,
+                    "mean": self._held_total / self._held_count if self._held_count else 0.0,
+                    "max": self._held_max,
                 },
             }
         self._log_leaks(leaks)
@@ -1026,6 +1040,13 @@ class Pool:
             log.debug("pool %r: cannot wake a waiter", self.name, exc_info=True)
             return False
         return True
+
+    def _count_held_locked(self, rec: _Record, now: float) -> None:
+        held = now - rec.checked_out
+        self._held_count += 1
+        self._held_total += held
+        if held > self._held_max:
+            self._held_max = held
 
     def _occupancy_locked(self) -> str:
         in_use = len(self._records) - len(self._idle)

@@ -197,7 +197,8 @@ def test_stats_logger_writes_one_line_per_pool(caplog):
     ours = [line for line in lines if line.startswith("pool gp-obs-lines:")]
     assert 2 <= len(ours) <= 4, lines
     assert re.fullmatch(
-        r"pool gp-obs-lines: size=3/3 idle=0 in_use=3 waiting=0 timeouts=1 wait_mean=\d+\.\dms waits=0",
+        r"pool gp-obs-lines: size=3/3 idle=0 in_use=3 waiting=0 timeouts=1 wait_mean=\d+\.\dms waits=0"
+        r" held_mean=0\.0ms",
         ours[-1],
     ), ours[-1]
     assert any(line.startswith("loop monitor: blocked=") for line in lines)
@@ -289,6 +290,7 @@ def test_prometheus_collector(registry):
     pool = fake_pool("gp-obs-prom", max_size=2, timeout=0.01)
     a = pool.checkout()
     b = pool.checkout()
+    time.sleep(0.02)
     pool.checkin(a)
     pool.discard(b, "error")
     held = [pool.checkout(), pool.checkout()]
@@ -314,6 +316,9 @@ def test_prometheus_collector(registry):
     assert value("greenpatch_pool_discards_total", pool="gp-obs-prom", reason="error") == 1
     assert value("greenpatch_pool_wait_seconds_count", **pool_label) == 0
     assert value("greenpatch_pool_wait_seconds_sum", **pool_label) == 0
+    assert value("greenpatch_pool_held_seconds_count", **pool_label) == 2  # a checked in, b discarded
+    assert value("greenpatch_pool_held_seconds_sum", **pool_label) >= 0.04
+    assert 0.02 <= value("greenpatch_pool_held_max_seconds", **pool_label) < 10
 
     w = greenpatch.hub.stats()
     assert value("greenpatch_workers_running") == w["running"]

@@ -303,6 +303,32 @@ def test_timeouts_only_hit_waiters_beyond_their_timeout(db, patched, pools):
     assert s["wait"]["count"] == 2
 
 
+def test_stats_report_how_long_connections_are_held(db, patched, pools):
+    pool = pools(db, name="held", max_size=2, timeout=10)
+
+    def hold(seconds, discard):
+        conn = pool.checkout()
+        greenpatch.sleep(seconds)
+        if discard:
+            pool.discard(conn, "error")
+        else:
+            pool.checkin(conn)
+
+    async def main():
+        await asyncio.gather(greenpatch.spawn(hold, 0.05, False), greenpatch.spawn(hold, 0.15, True))
+
+    assert pool.stats()["held"] == {"count": 0, "mean": 0.0, "max": 0.0}
+    run_loop(main)
+    held = pool.stats()["held"]
+    assert held["count"] == 2  # a discarded connection was held too
+    assert 0.15 <= held["max"] < 0.5, held
+    assert 0.1 <= held["mean"] < held["max"], held  # (0.05 + 0.15) / 2
+    conn = pool.checkout()  # still held: not counted
+    assert pool.stats()["held"]["count"] == 2
+    pool.checkin(conn)
+    assert pool.stats()["held"]["count"] == 3
+
+
 def test_max_waiting_fails_fast(db, patched, pools):
     pool = pools(db, name="mw", max_size=1, max_waiting=2, timeout=10)
 
