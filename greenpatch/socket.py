@@ -6,7 +6,7 @@ first tries the socket directly; only when it would block does it wait:
 * inside a greenpatch worker, the worker parks (`hub.wait_fd`) and the
   worker's IOLoop runs on until the socket is ready;
 * anywhere else (the main greenlet, another thread) it blocks in
-  ``select()``, so the connection behaves like a plain blocking socket.
+  ``poll()``, so the connection behaves like a plain blocking socket.
 
 A worker waits through a `hub.FdWatch`: the socket's registration with
 the worker's loop, kept from one wait to the next - across queries, across
@@ -246,9 +246,10 @@ class GreenSocket:
                     watch = self._watch = hub.FdWatch(fd, write)
                 watch.wait(self._timeout)
             else:
-                fd = sock.fileno()
-                ready = select.select([] if write else [fd], [fd] if write else [], [], self._timeout)
-                if not (ready[0] or ready[1]):
+                # poll(), not select(): a server's fds go past select()'s 1024.
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLOUT if write else select.POLLIN)
+                if not poller.poll(None if self._timeout is None else self._timeout * 1000):
                     raise TimeoutError("timed out")
         except TimeoutError:
             self.cut = True

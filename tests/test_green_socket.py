@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import threading
 import time
@@ -299,3 +300,29 @@ def test_a_reply_already_there_after_a_send_is_read_at_once_in_and_out_of_worker
         finally:
             green.close()
             b.close()
+
+
+def test_blocking_fallback_waits_on_fds_above_1024():
+    # A server process has more than 1024 fds open: select() cannot take
+    # them (ValueError), so the blocking fallback must not use it.
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=fcntl.fcntl(a.fileno(), fcntl.F_DUPFD, 1500))
+    a.close()
+    assert high.fileno() >= 1024
+    green = GreenSocket(high)
+    timer = threading.Timer(0.1, b.sendall, (b"late",))
+    timer.start()
+    try:
+        buf = bytearray(16)
+        green.sendall(b"request")  # then wait for the reply, which comes 0.1 s later
+        started = time.monotonic()
+        n = green.recv_into(buf)
+        assert bytes(buf[:n]) == b"late"
+        assert time.monotonic() - started >= 0.05
+        green.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            green.recv_into(buf)  # nothing more comes
+    finally:
+        timer.join()
+        green.close()
+        b.close()
