@@ -13,7 +13,15 @@ Rules that keep this correct:
   nested spawns cannot resume the wrong greenlet;
 * a worker is only ever resumed from a loop callback running in the hub;
 * each `wait` has exactly one resume path: the first of {result, timeout,
-  kill} wins and later events are ignored; timers are cancelled.
+  kill} wins and later events are ignored; timers are cancelled;
+* a worker that the loop itself resumed (from a loop callback that does
+  nothing else) and whose loop has nothing else to do - no callback ready,
+  not stopping - waits for its socket in place (`FdWatch.wait`), polling
+  the socket and the loop's selector until the next timer is due, instead
+  of switching to the hub for a loop iteration that would block in the
+  same system call. Anything else becoming ready sends it to the hub at
+  once. A worker started from loop code (``spawn`` in a coroutine) always
+  switches back at its first wait: that code has more to do.
 
 A `Worker` is one function call; the greenlet it runs in, a
 `WorkerGreenlet`, is reused. Creating a greenlet is not cheap: each new one
@@ -35,6 +43,7 @@ import asyncio
 import functools
 import logging
 import os
+import select
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -229,9 +238,10 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self, by_loop: bool = False) -> None:
         # Always called in the greenlet that runs the loop: that greenlet
-        # becomes the hub the worker suspends to.
+        # becomes the hub the worker suspends to. ``by_loop``: called as a
+        # loop callback of its own, which does nothing after this returns.
         if self._done:
             return
         if self.future.done():  # cancelled before it started
@@ -244,6 +254,7 @@ class Worker:
         counts.started += 1
         carrier.parent = getcurrent()
         carrier.worker = self
+        carrier.by_loop = by_loop
         self._greenlet = carrier
         carrier.switch()
 
@@ -278,6 +289,7 @@ class Worker:
                 self.future.cancel()
             return
         if getcurrent() is carrier.parent:
+            carrier.by_loop = False
             carrier.throw(GreenletExit)
         else:
             self.loop.add_callback(self._kill_from_hub)
@@ -285,6 +297,7 @@ class Worker:
     def _kill_from_hub(self) -> None:
         carrier = self._greenlet
         if not self._done and carrier is not None and carrier.worker is self:
+            carrier.by_loop = False
             carrier.throw(GreenletExit)
 
 
@@ -360,6 +373,10 @@ class WorkerGreenlet(greenlet.greenlet):
         super().__init__(_carry)
         self.worker: Worker | None = None
         self._wait_token: object | None = None
+        #: True while the worker runs because a loop callback of its own
+        #: switched to it (a resume, a start scheduled on the loop): when it
+        #: suspends, the hub goes straight back to the loop.
+        self.by_loop = False
 
     def __repr__(self) -> str:
         return f"<greenpatch.WorkerGreenlet running {self.worker!r}>"
@@ -380,11 +397,13 @@ class WorkerGreenlet(greenlet.greenlet):
         def resume(*_: Any) -> None:
             if self._wait_token is token:
                 self._wait_token = None
+                self.by_loop = True
                 self.switch(_RESUMED)
 
         def expire() -> None:
             if self._wait_token is token:
                 self._wait_token = None
+                self.by_loop = True
                 self.switch(_TIMED_OUT)
 
         disarm = arm(resume)
@@ -496,6 +515,8 @@ class FdWatch:
         On a timeout, a kill or any other exception the registration is removed.
         """
         carrier = getcurrent()
+        if timeout is None and carrier.by_loop and self._wait_in_place():  # type: ignore[union-attr]
+            return
         try:
             carrier._suspend(self._arm, timeout)  # type: ignore[union-attr]
         except BaseException:
@@ -523,6 +544,34 @@ class FdWatch:
         return True
 
     # -- internals ----------------------------------------------------------
+
+    def _wait_in_place(self) -> bool:
+        """Wait here while the loop has nothing else to do; True once the fd is ready.
+
+        Saves a loop iteration and two greenlet switches per wait (about
+        8 us of CPU per query on one connection). Reads asyncio's event
+        loop internals; any other loop waits the usual way.
+        """
+        aloop = self.aloop
+        try:
+            if aloop._ready or aloop._stopping:  # type: ignore[attr-defined]
+                return False
+            scheduled = aloop._scheduled  # type: ignore[attr-defined]
+            selector_fd = aloop._selector.fileno()  # type: ignore[attr-defined]
+        except AttributeError:
+            return False
+        ms = None
+        if scheduled:  # wake up when the loop's next timer is due
+            ms = (scheduled[0].when() - aloop.time()) * 1000
+            if ms <= 0:
+                return False
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT if self.write else select.POLLIN)
+        poller.register(selector_fd, select.POLLIN)
+        for fd, _ in poller.poll(ms):  # our fd makes the selector ready too
+            if fd == self.fd:
+                return True
+        return False
 
     def _arm(self, resume: Callable[..., None]) -> Callable[[], None]:
         self.resume = resume
@@ -593,7 +642,7 @@ def start_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Worker:
     cur = getcurrent()
     if isinstance(cur, WorkerGreenlet):
         worker = Worker(fn, args, kwargs, cur.worker.loop)  # type: ignore[union-attr]
-        worker.loop.add_callback(worker._start)
+        worker.loop.add_callback(worker._start, True)
     else:
         worker = Worker(fn, args, kwargs, IOLoop.current())
         worker._start()

@@ -8,12 +8,15 @@ meets a stale selector entry.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import gc
 import os
 import socket
 import threading
+import time
 
+import greenlet
 import pymysql
 import pytest
 from conftest import run_green, run_loop
@@ -373,3 +376,125 @@ def test_fd_watch_outside_a_worker_is_refused():
     finally:
         a.close()
         b.close()
+
+
+# -- waiting in place ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_place(monkeypatch):
+    """Record each in-place wait: (result, seconds it lasted)."""
+    seen: list[tuple[bool, float]] = []
+    original = hub.FdWatch._wait_in_place
+
+    def recording(self):
+        started = time.monotonic()
+        result = original(self)
+        seen.append((result, time.monotonic() - started))
+        return result
+
+    monkeypatch.setattr(hub.FdWatch, "_wait_in_place", recording)
+    return seen
+
+
+def _switches_during(fn):
+    """fn()'s result and the number of greenlet switches while it ran."""
+    switches = []
+    previous = greenlet.settrace(lambda event, args: switches.append(event))
+    try:
+        result = fn()
+    finally:
+        greenlet.settrace(previous)
+    return result, len(switches)
+
+
+def test_a_worker_the_loop_resumed_waits_in_place_while_the_loop_is_idle(patched, in_place):
+    # No loop iteration, no greenlet switch: the reply is read where the
+    # worker waited.
+    a, b = socket.socketpair()
+
+    def waiter():
+        greenpatch.sleep(0.01)  # resumed by the loop from here on
+        watch = hub.FdWatch(a.fileno())
+        threading.Timer(0.1, b.sendall, (b"x",)).start()
+        _, switches = _switches_during(watch.wait)
+        watch.release()
+        return switches
+
+    try:
+        assert run_green(waiter) == 0
+        assert [result for result, _ in in_place] == [True]
+        assert 0.05 < in_place[0][1] < 1.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_worker_started_from_loop_code_switches_back_at_its_first_wait(patched, in_place):
+    # spawn() from a coroutine runs the worker until its first wait: the
+    # coroutine must get control back then, not when the socket is ready.
+    a, b = socket.socketpair()
+    order = []
+
+    def waiter():
+        hub.wait_fd(a.fileno())
+        order.append("worker")
+
+    async def main():
+        future = greenpatch.spawn(waiter)
+        order.append("coroutine")
+        IOLoop.current().call_later(0.05, b.sendall, b"x")
+        await future
+
+    try:
+        run_loop(main)
+        assert order == ["coroutine", "worker"]
+        assert in_place == []
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("other", ["timer", "threadsafe callback", "another worker's socket"])
+def test_other_work_ends_a_wait_in_place_at_once(patched, in_place, other):
+    # The worker waits in place for a reply 0.6 s away; whatever else the
+    # loop has to do 0.1 s in runs then, not when the reply comes.
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    ran = {}
+
+    def mark(what):
+        ran[what] = time.monotonic() - started
+
+    def first():
+        greenpatch.sleep(0.01)  # resumed by the loop from here on
+        if other == "timer":
+            IOLoop.current().call_later(0.1, mark, "other")
+        elif other == "threadsafe callback":
+            loop = IOLoop.current()
+            threading.Timer(0.1, loop.add_callback, (mark, "other")).start()
+        threading.Timer(0.6, b.sendall, (b"x",)).start()
+        hub.wait_fd(a.fileno())
+        mark("first")
+
+    def second():
+        hub.wait_fd(c.fileno())
+        mark("other")
+
+    async def main():
+        waits = [greenpatch.spawn(first)]
+        if other == "another worker's socket":
+            waits.append(greenpatch.spawn(second))  # parked: it was started by this coroutine
+            threading.Timer(0.1, d.sendall, (b"x",)).start()
+        await asyncio.gather(*waits)
+
+    started = time.monotonic()
+    try:
+        run_loop(main)
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+    assert 0.09 < ran["other"] < 0.35, ran
+    assert 0.55 < ran["first"] < 2, ran
+    assert in_place and in_place[0][0] is False  # it did wait in place, and gave up for the other
+    assert 0.05 < in_place[0][1] < 0.35, in_place
