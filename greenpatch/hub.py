@@ -515,9 +515,9 @@ class FdWatch:
         On a timeout, a kill or any other exception the registration is removed.
         """
         carrier = getcurrent()
-        if timeout is None and carrier.by_loop and self._wait_in_place():  # type: ignore[union-attr]
-            return
         try:
+            if timeout is None and carrier.by_loop and self._wait_in_place():  # type: ignore[union-attr]
+                return
             carrier._suspend(self._arm, timeout)  # type: ignore[union-attr]
         except BaseException:
             self._remove()

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import gc
 import os
+import signal
 import socket
 import threading
 import time
@@ -498,3 +499,32 @@ def test_other_work_ends_a_wait_in_place_at_once(patched, in_place, other):
     assert 0.55 < ran["first"] < 2, ran
     assert in_place and in_place[0][0] is False  # it did wait in place, and gave up for the other
     assert 0.05 < in_place[0][1] < 0.35, in_place
+
+
+def test_an_exception_in_a_wait_in_place_removes_the_registration(patched):
+    # A signal handler that raises while the worker waits in place (the
+    # worker runs in the main thread, so the handler runs in it): the
+    # exception reaches the worker, and the fd is not left registered.
+    a, b = socket.socketpair()
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Alarm
+
+    def waiter():
+        greenpatch.sleep(0.01)  # resumed by the loop from here on
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(Alarm):
+            hub.wait_fd(a.fileno())
+        return _registered(IOLoop.current(), a.fileno())
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        assert run_green(waiter) is False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        a.close()
+        b.close()
