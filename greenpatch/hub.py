@@ -254,7 +254,7 @@ class Worker:
         counts.started += 1
         carrier.parent = getcurrent()
         carrier.worker = self
-        carrier.by_loop = by_loop
+        carrier._by_loop = by_loop
         self._greenlet = carrier
         carrier.switch()
 
@@ -289,7 +289,7 @@ class Worker:
                 self.future.cancel()
             return
         if getcurrent() is carrier.parent:
-            carrier.by_loop = False
+            carrier._by_loop = False
             carrier.throw(GreenletExit)
         else:
             self.loop.add_callback(self._kill_from_hub)
@@ -297,7 +297,7 @@ class Worker:
     def _kill_from_hub(self) -> None:
         carrier = self._greenlet
         if not self._done and carrier is not None and carrier.worker is self:
-            carrier.by_loop = False
+            carrier._by_loop = False
             carrier.throw(GreenletExit)
 
 
@@ -373,10 +373,10 @@ class WorkerGreenlet(greenlet.greenlet):
         super().__init__(_carry)
         self.worker: Worker | None = None
         self._wait_token: object | None = None
-        #: True while the worker runs because a loop callback of its own
-        #: switched to it (a resume, a start scheduled on the loop): when it
-        #: suspends, the hub goes straight back to the loop.
-        self.by_loop = False
+        # True while the worker runs because a loop callback of its own
+        # switched to it (a resume, a start scheduled on the loop): when it
+        # suspends, the hub goes straight back to the loop (see FdWatch.wait).
+        self._by_loop = False
 
     def __repr__(self) -> str:
         return f"<greenpatch.WorkerGreenlet running {self.worker!r}>"
@@ -397,13 +397,13 @@ class WorkerGreenlet(greenlet.greenlet):
         def resume(*_: Any) -> None:
             if self._wait_token is token:
                 self._wait_token = None
-                self.by_loop = True
+                self._by_loop = True
                 self.switch(_RESUMED)
 
         def expire() -> None:
             if self._wait_token is token:
                 self._wait_token = None
-                self.by_loop = True
+                self._by_loop = True
                 self.switch(_TIMED_OUT)
 
         disarm = arm(resume)
@@ -516,7 +516,7 @@ class FdWatch:
         """
         carrier = getcurrent()
         try:
-            if timeout is None and carrier.by_loop and self._wait_in_place():  # type: ignore[union-attr]
+            if timeout is None and carrier._by_loop and self._wait_in_place():  # type: ignore[union-attr]
                 return
             carrier._suspend(self._arm, timeout)  # type: ignore[union-attr]
         except BaseException:
