@@ -143,6 +143,9 @@ class _Carriers(threading.local):
     def __init__(self) -> None:
         self.idle: _IdleList = _IdleList()
         self.counts = _Counts()
+        # The workers started and not ended, by the asyncio loop they run on
+        # (see _reap_closed_loops). A loop leaves with its last worker.
+        self.running: dict[asyncio.AbstractEventLoop, set[Worker]] = {}
         # For stats(), which reads every thread's counts. The idle greenlets
         # are only referenced weakly: they go when the thread ends.
         ident = threading.get_ident()
@@ -248,6 +251,14 @@ class Worker:
             self._done = True
             return
         carriers = _carriers
+        running = carriers.running
+        aloop = self.loop.asyncio_loop  # type: ignore[attr-defined]
+        workers = running.get(aloop)
+        if workers is None:
+            if running:  # workers of another loop: has it been closed under them?
+                _reap_closed_loops(running)
+            workers = running[aloop] = set()
+        workers.add(self)
         carrier = carriers.idle.pop() if carriers.idle else WorkerGreenlet()
         counts = carriers.counts
         counts.busy += 1
@@ -301,6 +312,41 @@ class Worker:
             carrier.throw(GreenletExit)
 
 
+def _reap_closed_loops(running: dict[asyncio.AbstractEventLoop, set[Worker]]) -> None:
+    """Kill the workers left parked on loops of this thread that were closed.
+
+    A loop stopped and closed with workers still waiting (``run_sync`` timed
+    out, a test's loop torn down) can never resume them: they would hold
+    what they hold - a pooled connection, above all - for good. Each is
+    killed here, as a worker of a new loop of the same thread starts, so
+    its exit hooks give its connections back (or discard them: a wait on a
+    closed loop raises). Only workers whose hub is the current greenlet
+    can be killed from here; others are left as they are.
+    """
+    me = getcurrent()
+    for aloop in [loop for loop in running if loop.is_closed()]:
+        workers = [w for w in running[aloop] if w._greenlet is not None and w._greenlet.parent is me]
+        if workers:
+            log.warning(
+                "killing %d greenpatch worker(s) left waiting on a closed IOLoop, e.g. %r",
+                len(workers),
+                workers[0],
+            )
+        for worker in workers:
+            worker.kill()
+
+
+def _settle(method: Callable[..., Any], *args: Any) -> None:
+    # Complete a worker's future. On a closed loop (a worker killed by
+    # _reap_closed_loops) the future takes the outcome but its callbacks
+    # cannot be scheduled any more: that is no error of the worker's.
+    try:
+        method(*args)
+    except RuntimeError:
+        if not method.__self__.get_loop().is_closed():  # type: ignore[attr-defined]
+            raise
+
+
 def _carry() -> None:
     # The body of every WorkerGreenlet: run its worker, then wait, idle, for
     # the next one. Everything is inline: each Python frame between this and
@@ -326,17 +372,17 @@ def _carry() -> None:
         except GreenletExit:
             killed = True
             if not future.done():
-                future.cancel()
+                _settle(future.cancel)
         except BaseException as exc:
             if not future.done():
-                future.set_exception(exc)
+                _settle(future.set_exception, exc)
             elif not isinstance(exc, Exception):
                 raise
             else:
                 log.debug("%r failed after its future was cancelled", worker, exc_info=True)
         else:
             if not future.done():
-                future.set_result(result)
+                _settle(future.set_result, result)
         finally:
             worker._done = True
             worker._greenlet = None
@@ -344,6 +390,12 @@ def _carry() -> None:
             carriers = _carriers
             counts = carriers.counts
             counts.busy -= 1
+            aloop = worker.loop.asyncio_loop  # type: ignore[attr-defined]
+            workers = carriers.running.get(aloop)
+            if workers is not None:
+                workers.discard(worker)
+                if not workers:
+                    del carriers.running[aloop]
             # Nothing a worker stored is seen by the next: its
             # GreenletLocals and its contextvars context go (the next
             # starts with an empty one, as a new greenlet would).
@@ -355,7 +407,7 @@ def _carry() -> None:
         if counts.busy + len(carriers.idle) >= REUSED_GREENLETS:
             return
         carriers.idle.append(me)
-        me = worker = future = fn = args = kwargs = result = None  # type: ignore[assignment]
+        me = worker = future = fn = args = kwargs = result = aloop = workers = None  # type: ignore[assignment]
         try:
             getcurrent().parent.switch()  # idle until Worker._start hands over the next one
         except GreenletExit:  # collected while idle
@@ -392,6 +444,10 @@ class WorkerGreenlet(greenlet.greenlet):
         it. Exactly one of {resume, timeout, kill} wins: the token makes a
         late resume or timer a no-op, and both are removed on the way out.
         """
+        if self.worker.loop.asyncio_loop.is_closed():  # type: ignore[union-attr]
+            # Killed by _reap_closed_loops and waiting on the way out (a
+            # rollback at checkin...): nothing could ever resume it.
+            raise RuntimeError(f"{self.worker!r} cannot wait: its IOLoop is closed")
         token = self._wait_token = object()
 
         def resume(*_: Any) -> None:

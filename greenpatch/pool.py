@@ -970,9 +970,11 @@ class Pool:
         # connection is cancelled from a new worker on the same loop: a thread
         # would fight the busy loop thread for the GIL at every step of its
         # connect (a burst of disconnects then stalled the loop for ~1 s).
-        # Elsewhere, a short-lived thread with a blocking connection.
-        if hub.is_worker():  # so its loop runs: the new worker starts on its next turn
-            hub.start_worker(cancel)
+        # Elsewhere (or when that loop was closed under a killed worker), a
+        # short-lived thread with a blocking connection.
+        worker = hub.current_worker()
+        if worker is not None and not worker.loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+            hub.start_worker(cancel)  # so its loop runs: the new worker starts on its next turn
             return
         threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
 

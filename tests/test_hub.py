@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 import time
 import traceback
@@ -462,3 +463,85 @@ def test_the_idle_greenlets_of_a_thread_that_ended_are_freed():
     thread.join()
     gc.collect()
     assert refs and refs[0]() is None
+
+
+# -- workers left on a closed loop ---------------------------------------------------------
+
+
+def _park_on_a_closed_loop(fn):
+    """Start ``fn`` in a worker on a new loop, stop and close that loop while it waits."""
+    loop = IOLoop(make_current=False)
+    box = {}
+
+    async def main():
+        box["worker"] = hub.start_worker(fn)
+        await asyncio.sleep(0.05)
+
+    loop.run_sync(main)
+    loop.close(all_fds=False)
+    return box["worker"]
+
+
+def test_workers_left_waiting_on_a_closed_loop_are_killed_when_the_thread_starts_another(caplog):
+    ended = []
+
+    def stuck():
+        try:
+            greenpatch.sleep(60)
+        finally:
+            ended.append("finally")
+
+    before = hub.stats()["running"]
+    worker = _park_on_a_closed_loop(stuck)
+    assert hub.stats()["running"] == before + 1 and ended == []  # nothing could resume it
+    caplog.set_level(logging.WARNING, logger="greenpatch.hub")
+    assert run_green(lambda: 42) == 42  # a worker of another loop of this thread
+    assert ended == ["finally"]
+    assert worker.dead and worker.future.cancelled()
+    assert hub.stats()["running"] <= before  # (earlier tests' leftovers may have gone too)
+    assert any("left waiting on a closed IOLoop" in r.getMessage() for r in caplog.records)
+
+
+def test_a_killed_worker_whose_loop_is_closed_cannot_wait_again():
+    # Its way out may want to wait (a rollback at checkin, a finally block):
+    # that raises instead of parking it for good.
+    seen = []
+
+    def stuck():
+        try:
+            greenpatch.sleep(60)
+        finally:
+            try:
+                greenpatch.sleep(0.01)
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+    worker = _park_on_a_closed_loop(stuck)
+    run_green(lambda: None)
+    assert worker.dead
+    assert len(seen) == 1 and "its IOLoop is closed" in seen[0]
+
+
+def test_workers_of_a_stopped_loop_that_is_not_closed_are_left_alone():
+    loop = IOLoop(make_current=False)
+    box = {}
+
+    def parked():
+        greenpatch.sleep(0.2)
+        return "resumed"
+
+    async def start():
+        box["worker"] = hub.start_worker(parked)
+
+    try:
+        loop.run_sync(start)  # stopped, not closed: it may run again
+        run_green(lambda: None)
+        worker = box["worker"]
+        assert not worker.dead
+
+        async def finish():
+            return await worker.future
+
+        assert loop.run_sync(finish) == "resumed"
+    finally:
+        loop.close(all_fds=False)

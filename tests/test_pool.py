@@ -1328,3 +1328,47 @@ def test_all_pools_is_a_weak_registry():
     del pool
     gc.collect()
     assert "registered" not in [p.name for p in all_pools()]
+
+
+# -- holders left on a closed loop ----------------------------------------------------------
+
+
+def _hold_on_a_closed_loop(fn):
+    """Run ``fn`` in a worker on a new loop; stop and close the loop while it waits."""
+    loop = IOLoop(make_current=False)
+
+    async def main():
+        hub.start_worker(fn)
+        await asyncio.sleep(0.2)
+
+    loop.run_sync(main)
+    loop.close(all_fds=False)
+
+
+@pytest.mark.parametrize("waiting_on", ["a sleep", "its query"])
+def test_a_connection_held_by_a_worker_left_on_a_closed_loop_is_not_lost(db, patched, pools, waiting_on):
+    # The worker is killed as the next worker of this thread starts: its
+    # connection is discarded (it cannot be reset without a loop) and its
+    # slot freed; a statement cut mid-way is cancelled from a thread.
+    pool = pools(db, max_size=1, timeout=2)
+
+    def holder():
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("BEGIN")
+            if waiting_on == "a sleep":
+                greenpatch.sleep(60)
+            else:
+                cur.execute("SELECT SLEEP(30)")
+
+    _hold_on_a_closed_loop(holder)
+    assert pool.stats()["in_use"] == 1
+
+    def next_request():
+        with pool.connection() as conn:
+            return scalar(conn, "SELECT 1")
+
+    assert run_green(next_request) == 1  # not a PoolTimeout
+    s = pool.stats()
+    assert (s["size"], s["in_use"], s["discards"]) == (1, 0, {"interrupted": 1})
+    if waiting_on == "its query":
+        wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
