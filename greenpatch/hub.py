@@ -21,7 +21,10 @@ Rules that keep this correct:
   of switching to the hub for a loop iteration that would block in the
   same system call. Anything else becoming ready sends it to the hub at
   once. A worker started from loop code (``spawn`` in a coroutine) always
-  switches back at its first wait: that code has more to do.
+  switches back at its first wait: that code has more to do;
+* a loop closed with workers still parked on it can never resume them:
+  they are killed when a worker of another loop next starts in the same
+  thread, and a wait on a closed loop raises.
 
 A `Worker` is one function call; the greenlet it runs in, a
 `WorkerGreenlet`, is reused. Creating a greenlet is not cheap: each new one
