@@ -147,7 +147,8 @@ class _Carriers(threading.local):
         self.idle: _IdleList = _IdleList()
         self.counts = _Counts()
         # The workers started and not ended, by the asyncio loop they run on
-        # (see _reap_closed_loops). A loop leaves with its last worker.
+        # (see _reap_closed_loops). A loop leaves with its last worker. Only
+        # this thread reads it: stats() reads counts.busy, from any thread.
         self.running: dict[asyncio.AbstractEventLoop, set[Worker]] = {}
         # For stats(), which reads every thread's counts. The idle greenlets
         # are only referenced weakly: they go when the thread ends.
@@ -447,7 +448,8 @@ class WorkerGreenlet(greenlet.greenlet):
         it. Exactly one of {resume, timeout, kill} wins: the token makes a
         late resume or timer a no-op, and both are removed on the way out.
         """
-        if self.worker.loop.asyncio_loop.is_closed():  # type: ignore[union-attr]
+        aloop = self.worker.loop.asyncio_loop  # type: ignore[union-attr]
+        if aloop.is_closed():
             # Killed by _reap_closed_loops and waiting on the way out (a
             # rollback at checkin...): nothing could ever resume it.
             raise RuntimeError(f"{self.worker!r} cannot wait: its IOLoop is closed")
@@ -468,7 +470,6 @@ class WorkerGreenlet(greenlet.greenlet):
         disarm = arm(resume)
         timer = None
         if timeout is not None:
-            aloop = self.worker.loop.asyncio_loop  # type: ignore[union-attr]
             timer = aloop.call_later(max(timeout, 0.0), expire)
         try:
             how = self.parent.switch()
