@@ -6,7 +6,9 @@ database creates its own (``scratch_db``) and drops it afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from urllib.parse import unquote, urlparse
 
@@ -85,3 +87,43 @@ def run_green(fn, *args, timeout: float = 60, **kwargs):
         return await greenpatch.spawn(fn, *args, **kwargs)
 
     return run_loop(main, timeout)
+
+
+@pytest.fixture
+def in_place(monkeypatch):
+    """Record each wait in place of a worker (``FdWatch._wait_in_place``): (result, seconds)."""
+    from greenpatch import hub
+
+    seen: list[tuple[bool, float]] = []
+    original = hub.FdWatch._wait_in_place
+
+    def recording(self):
+        started = time.monotonic()
+        result = original(self)
+        seen.append((result, time.monotonic() - started))
+        return result
+
+    monkeypatch.setattr(hub.FdWatch, "_wait_in_place", recording)
+    return seen
+
+
+def park_on_a_closed_loop(fn, run_for: float = 0.05):
+    """Start ``fn`` in a worker on a new loop, run the loop ``run_for`` seconds, then
+    stop and close it while the worker waits.
+
+    Returns the `greenpatch.hub.Worker`, left parked on the closed loop.
+    """
+    from tornado.ioloop import IOLoop
+
+    from greenpatch import hub
+
+    loop = IOLoop(make_current=False)
+    box = {}
+
+    async def main():
+        box["worker"] = hub.start_worker(fn)
+        await asyncio.sleep(run_for)
+
+    loop.run_sync(main)
+    loop.close(all_fds=False)
+    return box["worker"]

@@ -382,22 +382,6 @@ def test_fd_watch_outside_a_worker_is_refused():
 # -- waiting in place ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def in_place(monkeypatch):
-    """Record each in-place wait: (result, seconds it lasted)."""
-    seen: list[tuple[bool, float]] = []
-    original = hub.FdWatch._wait_in_place
-
-    def recording(self):
-        started = time.monotonic()
-        result = original(self)
-        seen.append((result, time.monotonic() - started))
-        return result
-
-    monkeypatch.setattr(hub.FdWatch, "_wait_in_place", recording)
-    return seen
-
-
 def _switches_during(fn):
     """fn()'s result and the number of greenlet switches while it ran."""
     switches = []

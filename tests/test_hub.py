@@ -12,7 +12,7 @@ import weakref
 
 import greenlet
 import pytest
-from conftest import run_green, run_loop
+from conftest import park_on_a_closed_loop, run_green, run_loop
 from tornado.ioloop import IOLoop
 
 import greenpatch
@@ -468,20 +468,6 @@ def test_the_idle_greenlets_of_a_thread_that_ended_are_freed():
 # -- workers left on a closed loop ---------------------------------------------------------
 
 
-def _park_on_a_closed_loop(fn):
-    """Start ``fn`` in a worker on a new loop, stop and close that loop while it waits."""
-    loop = IOLoop(make_current=False)
-    box = {}
-
-    async def main():
-        box["worker"] = hub.start_worker(fn)
-        await asyncio.sleep(0.05)
-
-    loop.run_sync(main)
-    loop.close(all_fds=False)
-    return box["worker"]
-
-
 def test_workers_left_waiting_on_a_closed_loop_are_killed_when_the_thread_starts_another(caplog):
     ended = []
 
@@ -492,7 +478,7 @@ def test_workers_left_waiting_on_a_closed_loop_are_killed_when_the_thread_starts
             ended.append("finally")
 
     before = hub.stats()["running"]
-    worker = _park_on_a_closed_loop(stuck)
+    worker = park_on_a_closed_loop(stuck)
     assert hub.stats()["running"] == before + 1 and ended == []  # nothing could resume it
     caplog.set_level(logging.WARNING, logger="greenpatch.hub")
     assert run_green(lambda: 42) == 42  # a worker of another loop of this thread
@@ -516,7 +502,7 @@ def test_a_killed_worker_whose_loop_is_closed_cannot_wait_again():
             except RuntimeError as exc:
                 seen.append(str(exc))
 
-    worker = _park_on_a_closed_loop(stuck)
+    worker = park_on_a_closed_loop(stuck)
     run_green(lambda: None)
     assert worker.dead
     assert len(seen) == 1 and "its IOLoop is closed" in seen[0]

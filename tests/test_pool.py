@@ -15,7 +15,7 @@ import time
 
 import pymysql
 import pytest
-from conftest import run_green, run_loop
+from conftest import park_on_a_closed_loop, run_green, run_loop
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 import greenpatch
@@ -1333,18 +1333,6 @@ def test_all_pools_is_a_weak_registry():
 # -- holders left on a closed loop ----------------------------------------------------------
 
 
-def _hold_on_a_closed_loop(fn):
-    """Run ``fn`` in a worker on a new loop; stop and close the loop while it waits."""
-    loop = IOLoop(make_current=False)
-
-    async def main():
-        hub.start_worker(fn)
-        await asyncio.sleep(0.2)
-
-    loop.run_sync(main)
-    loop.close(all_fds=False)
-
-
 @pytest.mark.parametrize("waiting_on", ["a sleep", "its query"])
 def test_a_connection_held_by_a_worker_left_on_a_closed_loop_is_not_lost(db, patched, pools, waiting_on):
     # The worker is killed as the next worker of this thread starts: its
@@ -1360,7 +1348,7 @@ def test_a_connection_held_by_a_worker_left_on_a_closed_loop_is_not_lost(db, pat
             else:
                 cur.execute("SELECT SLEEP(30)")
 
-    _hold_on_a_closed_loop(holder)
+    park_on_a_closed_loop(holder, run_for=0.2)  # into its SLEEP
     assert pool.stats()["in_use"] == 1
 
     def next_request():
