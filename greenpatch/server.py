@@ -88,6 +88,13 @@ django_logger = logging.getLogger("django.server")
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+#: Bytes a connection reads from its socket at a time (Tornado's
+#: ``chunk_size``). Tornado's default, 64 KiB, is a fresh zero-filled
+#: buffer at every read - two per request, the second one finding nothing
+#: - which cost about 7 % of the instructions of a plain request and evicts
+#: the CPU caches. A request head rarely exceeds 8 KiB (gunicorn reads that
+#: much at a time too); bigger heads and bodies take more reads.
+READ_CHUNK_SIZE = 8 * 1024
 LOG_STYLES = ("common", "django")
 
 # Listen backlog (the kernel caps it at net.core.somaxconn); gunicorn's default.
@@ -963,7 +970,8 @@ class GreenWSGIServer(HTTPServer):
     :arg multiprocess: ``wsgi.multiprocess``.
     :arg http_server_kwargs: passed to ``HTTPServer`` (``xheaders``,
         ``ssl_options``, ``no_keep_alive``, ``body_timeout``,
-        ``max_header_size``, ``chunk_size``, ``decompress_request``...).
+        ``max_header_size``, ``decompress_request``...), and ``chunk_size``
+        (default `READ_CHUNK_SIZE`).
 
     The container is `container`; ``server.in_flight`` is its `in_flight`.
     """
@@ -1001,6 +1009,7 @@ class GreenWSGIServer(HTTPServer):
         self._forced: asyncio.Event | None = None
         self.idle_connection_timeout = idle_connection_timeout
         self._sweeper: PeriodicCallback | None = None
+        http_server_kwargs.setdefault("chunk_size", READ_CHUNK_SIZE)
         super().initialize(
             self.container,
             max_body_size=_TORNADO_BODY_LIMIT,

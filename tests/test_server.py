@@ -25,7 +25,7 @@ from tornado.ioloop import IOLoop
 
 import greenpatch
 from greenpatch.pool import Pool
-from greenpatch.server import AppLoadError, GreenWSGIServer, WSGIContainer, load_app
+from greenpatch.server import READ_CHUNK_SIZE, AppLoadError, GreenWSGIServer, WSGIContainer, load_app
 
 TESTS = Path(__file__).resolve().parent
 
@@ -252,6 +252,36 @@ def test_chunked_request_body_gets_a_content_length(serve_app):
     )
     assert srv.raw(request).startswith(b"HTTP/1.1 200 OK\r\n")
     assert seen == {"length": "11", "body": b"hello world"}
+
+
+@pytest.mark.parametrize("kwargs, chunk", [({}, READ_CHUNK_SIZE), ({"chunk_size": 65536}, 65536)])
+def test_reads_in_small_chunks_and_big_heads_and_bodies_arrive_whole(serve_app, kwargs, chunk):
+    # Tornado's default reads 64 KiB into a fresh zero-filled buffer each
+    # time; the server reads READ_CHUNK_SIZE unless told otherwise, and a
+    # head or body bigger than that takes several reads.
+    seen = {}
+
+    def app(environ, start_response):
+        seen["cookie"] = environ["HTTP_COOKIE"]
+        seen["body"] = environ["wsgi.input"].read()
+        start_response("200 OK", [])
+        return [b""]
+
+    srv = serve_app(app, **kwargs)
+    cookie = "c=" + "k" * 40_000
+    body = os.urandom(3 * 1024 * 1024)
+    conn = srv.connection()
+    try:
+        conn.request("PUT", "/up", body=body, headers={"Cookie": cookie})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+        assert srv.call(lambda: [c.stream.read_chunk_size for c in srv.server._connections]) == [chunk]
+    finally:
+        conn.close()
+    assert READ_CHUNK_SIZE == 8192
+    assert seen["cookie"] == cookie
+    assert seen["body"] == body
 
 
 def test_app_iteration_and_close_all_run_in_one_worker(serve_app):
