@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
+import itertools
 import logging
 import os
 import select
@@ -461,28 +463,32 @@ class WorkerGreenlet(greenlet.greenlet):
                 self._by_loop = True
                 self.switch(_RESUMED)
 
-        def expire() -> None:
-            if self._wait_token is token:
-                self._wait_token = None
-                self._by_loop = True
-                self.switch(_TIMED_OUT)
-
         disarm = arm(resume)
-        timer = None
+        deadline = None
         if timeout is not None:
-            timer = aloop.call_later(max(timeout, 0.0), expire)
+            deadlines = _deadlines.by_loop.get(aloop)
+            if deadlines is None:
+                deadlines = _Deadlines.for_loop(aloop)
+            deadline = deadlines.add(aloop.time() + max(timeout, 0.0), self, token)
         try:
             how = self.parent.switch()
         finally:
             self._wait_token = None
-            if timer is not None:
-                timer.cancel()
+            if deadline is not None:
+                deadlines.cancel(deadline)
             disarm()
         if how is _TIMED_OUT:
             raise TimeoutError(f"timed out after {timeout:g} s")
         if how is not _RESUMED:
             # Someone switched into a parked worker by hand: a bug in the caller.
             raise RuntimeError(f"{self.worker!r} was resumed by an unexpected switch ({how!r})")
+
+    def _expire(self, token: object) -> None:
+        # The timeout of the wait ``token`` is due (see _Deadlines).
+        if self._wait_token is token:
+            self._wait_token = None
+            self._by_loop = True
+            self.switch(_TIMED_OUT)
 
     def _park(self, future: asyncio.Future, timeout: float | None) -> Any:
         def arm(resume: Callable[..., None]) -> Callable[[], None]:
@@ -495,6 +501,99 @@ class WorkerGreenlet(greenlet.greenlet):
             future.add_done_callback(_silence)
             raise
         return future.result()
+
+
+class _Deadlines:
+    """The timeouts of the waits on one asyncio loop, behind one loop timer.
+
+    Most timed waits end long before their timeout (a pool checkout waits
+    milliseconds with a 30 s timeout), and an asyncio timer per wait cost
+    several microseconds: a ``TimerHandle``, pushed on the loop's heap with
+    a Python-level comparison per level, then cancelled and left there
+    until the loop cleans it up. Here a deadline is a list pushed on a heap
+    compared in C, and a cancelled one only drops its reference to the
+    worker. One loop timer is armed for the earliest deadline; when it
+    fires it expires what is due, drops the cancelled entries on top and is
+    armed for the next live one. Cancelled entries also go all at once when
+    they are more than half of the heap (as asyncio does with its timers).
+    Only the loop's own thread uses it: waits happen there.
+    """
+
+    __slots__ = ("aloop", "heap", "dead", "handle", "armed_at")
+
+    #: Fewer cancelled entries than this are never swept out at once.
+    SWEEP_MIN = 256
+
+    def __init__(self, aloop: asyncio.AbstractEventLoop) -> None:
+        self.aloop = aloop
+        # [when, seq, carrier or None once cancelled or due, wait token]
+        self.heap: list[list[Any]] = []
+        self.dead = 0
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed_at = 0.0
+
+    @staticmethod
+    def for_loop(aloop: asyncio.AbstractEventLoop) -> _Deadlines:
+        by_loop = _deadlines.by_loop
+        for closed in [loop for loop in by_loop if loop.is_closed()]:
+            del by_loop[closed]  # its timer can never fire
+        deadlines = by_loop[aloop] = _Deadlines(aloop)
+        return deadlines
+
+    def add(self, when: float, carrier: WorkerGreenlet, token: object) -> list[Any]:
+        entry = [when, next(_deadline_seq), carrier, token]
+        heapq.heappush(self.heap, entry)
+        if self.handle is None or when < self.armed_at:
+            self._arm(when)
+        return entry
+
+    def cancel(self, entry: list[Any]) -> None:
+        if entry[2] is None:  # due already
+            return
+        entry[2] = None
+        self.dead += 1
+        if self.dead > self.SWEEP_MIN and self.dead * 2 > len(self.heap):
+            heap = self.heap
+            heap[:] = [e for e in heap if e[2] is not None]  # in place: _fire may be iterating
+            heapq.heapify(heap)
+            self.dead = 0
+
+    def _arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = self.aloop.call_at(when, self._fire)
+        self.armed_at = when
+
+    def _fire(self) -> None:
+        self.handle = None
+        heap = self.heap
+        # The loop calls a timer a little early (within its clock's
+        # resolution): whatever was due by then is due now.
+        due = max(self.armed_at, self.aloop.time())
+        try:
+            while heap and heap[0][0] <= due:
+                entry = heapq.heappop(heap)
+                carrier = entry[2]
+                if carrier is None:
+                    self.dead -= 1
+                    continue
+                entry[2] = None
+                carrier._expire(entry[3])  # runs that worker until its next wait
+        finally:
+            while heap and heap[0][2] is None:
+                heapq.heappop(heap)
+                self.dead -= 1
+            if heap and (self.handle is None or heap[0][0] < self.armed_at):
+                self._arm(heap[0][0])
+
+
+class _DeadlinesByLoop(threading.local):
+    def __init__(self) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
+
+
+_deadlines = _DeadlinesByLoop()
+_deadline_seq = itertools.count()
 
 
 class _Watches(threading.local):

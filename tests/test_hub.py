@@ -100,6 +100,78 @@ def test_wait_returns_future_result_and_times_out():
     assert 0.09 <= took < 0.5
 
 
+def test_timeouts_of_different_lengths_expire_in_order_behind_one_loop_timer():
+    # Timed waits share one loop timer, armed for the earliest deadline: a
+    # shorter timeout that comes later must re-arm it.
+    expired = []
+
+    def waiter(name, timeout):
+        never = IOLoop.current().asyncio_loop.create_future()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            greenpatch.wait(never, timeout=timeout)
+        expired.append((name, time.monotonic() - t0))
+
+    async def main():
+        aloop = asyncio.get_running_loop()
+        futures = [greenpatch.spawn(waiter, name, t) for name, t in (("c", 0.3), ("a", 0.1), ("b", 0.2))]
+        await asyncio.sleep(0)
+        # Three waits, one timer of greenpatch's on the loop (run_sync has one too).
+        timers = [h for h in aloop._scheduled if not h.cancelled()]
+        assert len(timers) == 2, timers
+        ours = [h for h in timers if isinstance(getattr(h._callback, "__self__", None), hub._Deadlines)]
+        assert len(ours) == 1, timers
+        await asyncio.gather(*futures)
+
+    run_loop(main)
+    assert [name for name, _ in expired] == ["a", "b", "c"]
+    for (_, took), want in zip(expired, (0.1, 0.2, 0.3), strict=True):
+        assert want - 0.01 <= took < want + 0.25
+
+
+def test_a_worker_that_waits_again_as_its_timeout_expires_gets_its_new_timeout():
+    # The expired worker runs inside the timer's callback and arms a new
+    # deadline there; a second worker's deadline, due at the same time,
+    # still fires.
+    log = []
+
+    def fn(name):
+        aloop = IOLoop.current().asyncio_loop
+        for timeout in (0.05, 0.1):
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                greenpatch.wait(aloop.create_future(), timeout=timeout)
+            log.append((name, timeout, time.monotonic() - t0))
+
+    async def main():
+        await asyncio.gather(greenpatch.spawn(fn, "x"), greenpatch.spawn(fn, "y"))
+
+    run_loop(main)
+    assert sorted((name, t) for name, t, _ in log) == [("x", 0.05), ("x", 0.1), ("y", 0.05), ("y", 0.1)]
+    for _, timeout, took in log:
+        assert timeout - 0.01 <= took < timeout + 0.25
+
+
+def test_timed_waits_that_end_early_leave_no_timers_behind():
+    # A pool checkout waits milliseconds with a 30 s timeout, thousands of
+    # times: the cancelled deadlines must not pile up, in greenpatch's heap
+    # or in the loop's.
+    def fn():
+        aloop = IOLoop.current().asyncio_loop
+        deadlines = None
+        for _ in range(3000):
+            fut = aloop.create_future()
+            aloop.call_soon(fut.set_result, None)
+            greenpatch.wait(fut, timeout=30)
+            deadlines = hub._deadlines.by_loop[aloop]
+        return len(deadlines.heap), deadlines.dead, len(aloop._scheduled)
+
+    heap, dead, scheduled = run_green(fn)
+    assert heap <= 2 * hub._Deadlines.SWEEP_MIN + 2
+    assert dead == heap  # every entry left is a cancelled one
+    assert scheduled <= 3  # run_sync's timer, greenpatch's, and at most one it cancelled
+
+
 def test_wait_accepts_coroutines():
     async def coro():
         await asyncio.sleep(0.01)
