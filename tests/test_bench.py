@@ -7,6 +7,7 @@ check the parts whose mistakes would silently publish wrong figures.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -177,3 +178,36 @@ def test_cpu_columns_show_medians_and_a_dash_for_runs_without_them(peers):
     rows = {line.split("|")[2].strip(): line for line in peers.results_table(run).splitlines()[2:]}
     assert rows["gp2"].rstrip(" |").endswith("| 500        | 80")
     assert rows["gthread"].rstrip(" |").endswith("| -          | -")
+
+
+def test_request_cost_measures_both_configurations_and_drops_its_database():
+    # bench/request_cost.py end to end, tiny: Django alone, then greenpatch,
+    # each in its own process, against the test server.
+    import re
+    import subprocess
+
+    import pymysql
+    from conftest import DEFAULT_URL, db_params
+
+    script = PEERS.parent / "request_cost.py"
+    url = os.environ.get("GREENPATCH_TEST_DB_URL", DEFAULT_URL)
+    out = subprocess.run(
+        [sys.executable, str(script), "--paths", "/plain,/db", "--requests", "20", "--rounds", "2"]
+        + ["--db-url", url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = re.findall(r"^\| `(/\w+)` \| (\d+) / (\d+) \| (\d+) / (\d+) \| ([+-]\d+) \|$", out.stdout, re.M)
+    assert [row[0] for row in rows] == ["/plain", "/db"], out.stdout
+    for _, *figures in rows:
+        stock_min, stock_median, green_min, green_median = map(int, figures[:4])
+        assert 0 < stock_min <= stock_median and 0 < green_min <= green_median
+    params = {k: v for k, v in db_params().items() if k != "database"}
+    conn = pymysql.connect(**params)
+    try:
+        with conn.cursor() as cur:
+            assert cur.execute("SHOW DATABASES LIKE 'gp_peers'") == 0
+    finally:
+        conn.close()
