@@ -588,6 +588,8 @@ class _Deadlines:
 
 
 class _DeadlinesByLoop(threading.local):
+    """The `_Deadlines` of each loop run by this thread."""
+
     def __init__(self) -> None:
         self.by_loop: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
 
