@@ -519,7 +519,7 @@ class _Deadlines:
     Only the loop's own thread uses it: waits happen there.
     """
 
-    __slots__ = ("aloop", "heap", "dead", "handle", "armed_at")
+    __slots__ = ("aloop", "heap", "dead", "handle")
 
     #: Fewer cancelled entries than this are never swept out at once.
     SWEEP_MIN = 256
@@ -529,8 +529,7 @@ class _Deadlines:
         # [when, seq, carrier or None once cancelled or due, wait token]
         self.heap: list[list[Any]] = []
         self.dead = 0
-        self.handle: asyncio.TimerHandle | None = None
-        self.armed_at = 0.0
+        self.handle: asyncio.TimerHandle | None = None  # armed for the earliest deadline
 
     @staticmethod
     def for_loop(aloop: asyncio.AbstractEventLoop) -> _Deadlines:
@@ -543,7 +542,7 @@ class _Deadlines:
     def add(self, when: float, carrier: WorkerGreenlet, token: object) -> list[Any]:
         entry = [when, next(_deadline_seq), carrier, token]
         heapq.heappush(self.heap, entry)
-        if self.handle is None or when < self.armed_at:
+        if self.handle is None or when < self.handle.when():
             self._arm(when)
         return entry
 
@@ -562,14 +561,14 @@ class _Deadlines:
         if self.handle is not None:
             self.handle.cancel()
         self.handle = self.aloop.call_at(when, self._fire)
-        self.armed_at = when
 
     def _fire(self) -> None:
-        self.handle = None
+        # Only the armed handle can fire: _arm cancels the one it replaces.
+        handle, self.handle = self.handle, None
         heap = self.heap
         # The loop calls a timer a little early (within its clock's
         # resolution): whatever was due by then is due now.
-        due = max(self.armed_at, self.aloop.time())
+        due = max(handle.when(), self.aloop.time())  # type: ignore[union-attr]
         try:
             while heap and heap[0][0] <= due:
                 entry = heapq.heappop(heap)
@@ -583,7 +582,7 @@ class _Deadlines:
             while heap and heap[0][2] is None:
                 heapq.heappop(heap)
                 self.dead -= 1
-            if heap and (self.handle is None or heap[0][0] < self.armed_at):
+            if heap and (self.handle is None or heap[0][0] < self.handle.when()):
                 self._arm(heap[0][0])
 
 
