@@ -466,7 +466,7 @@ class WorkerGreenlet(greenlet.greenlet):
         disarm = arm(resume)
         deadline = None
         if timeout is not None:
-            deadlines = _deadlines.by_loop.get(aloop)
+            deadlines = _by_loop.deadlines.get(aloop)
             if deadlines is None:
                 deadlines = _Deadlines.for_loop(aloop)
             deadline = deadlines.add(aloop.time() + max(timeout, 0.0), self, token)
@@ -533,7 +533,7 @@ class _Deadlines:
 
     @staticmethod
     def for_loop(aloop: asyncio.AbstractEventLoop) -> _Deadlines:
-        by_loop = _deadlines.by_loop
+        by_loop = _by_loop.deadlines
         for closed in [loop for loop in by_loop if loop.is_closed()]:
             del by_loop[closed]  # its timer can never fire
         deadlines = by_loop[aloop] = _Deadlines(aloop)
@@ -586,25 +586,17 @@ class _Deadlines:
                 self._arm(heap[0][0])
 
 
-class _DeadlinesByLoop(threading.local):
-    """The `_Deadlines` of each loop run by this thread."""
+class _ByLoop(threading.local):
+    """What this thread keeps per loop it runs: the registered `FdWatch` of
+    each (fd, event), and the `_Deadlines` of the waits."""
 
     def __init__(self) -> None:
-        self.by_loop: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
+        self.watches: dict[asyncio.AbstractEventLoop, dict[tuple[int, bool], FdWatch]] = {}
+        self.deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
 
 
-_deadlines = _DeadlinesByLoop()
+_by_loop = _ByLoop()
 _deadline_seq = itertools.count()
-
-
-class _Watches(threading.local):
-    """The registered `FdWatch` of each (fd, event) of each loop run by this thread."""
-
-    def __init__(self) -> None:
-        self.by_loop: dict[asyncio.AbstractEventLoop, dict[tuple[int, bool], FdWatch]] = {}
-
-
-_watches = _Watches()
 
 
 class FdWatch:
@@ -650,7 +642,7 @@ class FdWatch:
         self.fd = fd
         self.write = write
         self.resume: Callable[..., None] | None = None
-        watches = _watches.by_loop.setdefault(self.aloop, {})
+        watches = _by_loop.watches.setdefault(self.aloop, {})
         older = watches.get((fd, write))
         if older is not None:  # its removal is on its way: this one replaces it
             older.registered = False
@@ -751,11 +743,11 @@ class FdWatch:
         if not self.registered:
             return
         if self.pid == os.getpid():
-            watches = _watches.by_loop.get(self.aloop)
+            watches = _by_loop.watches.get(self.aloop)
             if watches is not None and watches.get((self.fd, self.write)) is self:
                 del watches[(self.fd, self.write)]
                 if not watches:
-                    del _watches.by_loop[self.aloop]
+                    del _by_loop.watches[self.aloop]
             if not self.aloop.is_closed():
                 if self.write:
                     self.aloop.remove_writer(self.fd)

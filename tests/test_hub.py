@@ -163,7 +163,7 @@ def test_timed_waits_that_end_early_leave_no_timers_behind():
             fut = aloop.create_future()
             aloop.call_soon(fut.set_result, None)
             greenpatch.wait(fut, timeout=30)
-            deadlines = hub._deadlines.by_loop[aloop]
+            deadlines = hub._by_loop.deadlines[aloop]
         return len(deadlines.heap), deadlines.dead, len(aloop._scheduled)
 
     heap, dead, scheduled = run_green(fn)
