@@ -21,6 +21,7 @@ sharing a name are added up):
 ``greenpatch_pool_connecting``               gauge   connects in progress
 ``greenpatch_pool_waiting``                  gauge   callers waiting for a connection
 ``greenpatch_pool_cancelling``               gauge   extra connections killing cut connections' queries
+``greenpatch_pool_recovering``               gauge   cut connections whose reply is being read
 ``greenpatch_pool_connects_total``           counter connections opened
 ``greenpatch_pool_connect_errors_total``     counter failed connects
 ``greenpatch_pool_checkouts_total``          counter checkouts
@@ -28,6 +29,7 @@ sharing a name are added up):
 ``greenpatch_pool_timeouts_total``           counter checkouts that timed out or were refused
 ``greenpatch_pool_discards_total``           counter connections discarded (label ``reason``)
 ``greenpatch_pool_cancels_total``            counter queries of cut connections killed on the server
+``greenpatch_pool_recoveries_total``         counter cut connections recovered and reused
 ``greenpatch_pool_wait_seconds``             summary time queued by checkouts that waited
 ``greenpatch_pool_wait_max_seconds``         gauge   longest such wait
 ``greenpatch_pool_held_seconds``             summary time from checkout to checkin
@@ -78,6 +80,7 @@ _GAUGES = (
     ("connecting", "Connects in progress for the pool"),
     ("waiting", "Callers waiting for a connection of the pool"),
     ("cancelling", "Extra connections cancelling the server-side queries of cut ones"),
+    ("recovering", "Connections cut mid-request whose reply the pool is reading"),
 )
 _COUNTERS = (
     ("connects", "Connections the pool opened"),
@@ -86,6 +89,7 @@ _COUNTERS = (
     ("checkins", "Connections checked back into the pool"),
     ("timeouts", "Checkouts that timed out or were refused (max_waiting)"),
     ("cancels", "Server-side queries of connections cut mid-request that were killed"),
+    ("recoveries", "Connections cut mid-request that the pool recovered and reused"),
 )
 
 

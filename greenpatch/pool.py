@@ -23,6 +23,12 @@ What a pool guarantees:
   LIFO idle stack (newest first, so surplus connections age out);
 * a connection is never held by two callers: checking one in twice, or one
   the pool does not know, raises `PoolError`;
+* a connection whose holder was killed while it waited for a reply (a
+  client that went away) is *recovered* when the ops can
+  (`ConnectionOps.recoverable`): the reply is read to its end within
+  `CANCEL_GRACE`, an open transaction rolled back, and the connection
+  goes back to the pool instead of being closed, reopened and its
+  statement killed. It keeps its slot meanwhile;
 * after ``os.fork()`` the child forgets the parent's connections without
   touching their sockets and starts with an empty pool.
 
@@ -68,15 +74,19 @@ log = logging.getLogger("greenpatch.pool")
 CHECK_MODES = ("auto", "always", "never")
 RESET_MODES = ("rollback", "full", "none")
 
-# pymysql.constants.SERVER_STATUS.SERVER_STATUS_IN_TRANS
+# pymysql.constants.SERVER_STATUS.SERVER_STATUS_IN_TRANS, SERVER_MORE_RESULTS_EXISTS
 _SERVER_STATUS_IN_TRANS = 1
+_SERVER_MORE_RESULTS_EXISTS = 8
+# pymysql.constants.CLIENT.DEPRECATE_EOF
+_CLIENT_DEPRECATE_EOF = 1 << 24
 # pymysql.constants.COMMAND.COM_RESET_CONNECTION (MySQL 5.7.3+, MariaDB 10.2.4+)
 _COM_RESET_CONNECTION = 0x1F
 # pymysql.constants.ER.NO_SUCH_THREAD ("Unknown thread id")
 _ER_NO_SUCH_THREAD = 1094
 
 #: Seconds the pool waits before it KILLs the statement of a connection cut
-#: mid-query (it lets short statements end by themselves).
+#: mid-query (it lets short statements end by themselves); also how long it
+#: waits for the reply of a connection it tries to recover.
 CANCEL_GRACE = 0.1
 
 # Connections of a parent process seen by a forked child. They stay
@@ -158,6 +168,22 @@ class ConnectionOps:
             conn.close()
         except Exception:
             log.debug("closing %r failed", conn, exc_info=True)
+
+    def prepare(self, conn: Any) -> None:
+        """Called once for each connection the pool opened, before its first use."""
+
+    def recoverable(self, conn: Any) -> bool:
+        """True if ``conn``, found closed at checkin, may be made fit again by `recover`."""
+        return False
+
+    def recover(self, conn: Any, timeout: float) -> bool:
+        """Make a `recoverable` connection fit for reuse within ``timeout`` seconds.
+
+        True when it is: open, its whole reply read, no transaction open.
+        False otherwise, leaving what the server may still run for it to
+        `orphaned_work`. Never raises `Exception`.
+        """
+        return False
 
     def orphaned_work(self, conn: Any) -> Any:
         """What the server may still be running for ``conn``, or None.
@@ -242,6 +268,38 @@ class PyMySQLOps(ConnectionOps):
         except Exception:
             return False
 
+    def prepare(self, conn: Any) -> None:
+        sock = green_socket_of(conn)
+        if sock is not None:
+            sock.keep_on_kill = True
+
+    def recoverable(self, conn: Any) -> bool:
+        # A green connection whose worker was killed while it waited for the
+        # reply to a whole command: its GreenSocket held the socket open.
+        sock = green_socket_of(conn)
+        # _drain_reply reads the protocol PyMySQL speaks: with EOF packets.
+        return sock is not None and sock.held and not conn.client_flag & _CLIENT_DEPRECATE_EOF
+
+    def recover(self, conn: Any, timeout: float) -> bool:
+        sock = green_socket_of(conn)
+        if sock is None or not sock.reattach():
+            return False
+        conn._sock = sock
+        conn._rfile = sock.makefile("rb")
+        read_timeout = conn._read_timeout
+        conn._read_timeout = timeout  # each read; _drain_reply bounds the whole
+        try:
+            _drain_reply(conn, time.monotonic() + timeout)
+            if conn.server_status & _SERVER_STATUS_IN_TRANS or not conn.get_autocommit():
+                conn.rollback()
+        except Exception:
+            log.debug("recovering %r failed", conn, exc_info=True)
+            sock.cut = True  # the server may still be on that command: cancel it
+            return False
+        finally:
+            conn._read_timeout = read_timeout
+        return True
+
     def orphaned_work(self, conn: Any) -> int | None:
         # The server thread id of a green connection whose GreenSocket was
         # cut mid-operation. Connections with PyMySQL's own socket are not
@@ -280,6 +338,47 @@ class PyMySQLOps(ConnectionOps):
                 conn._force_close()
             except Exception:
                 log.debug("closing %r failed", conn, exc_info=True)
+        sock = green_socket_of(conn)
+        if sock is not None and sock.held:
+            sock.close()  # held since a kill and not recovered
+
+
+def _drain_reply(conn: Any, deadline: float) -> None:
+    """Read and drop the whole reply to the command ``conn`` sent last.
+
+    Every result set of it (a multi-statement or a procedure has several),
+    row by row; an error reply ends it. Raises `TimeoutError` past
+    ``deadline``, and `pymysql.err.OperationalError` when the connection is
+    lost or the reply asks for a local file (LOAD DATA LOCAL).
+    """
+    from pymysql.protocol import EOFPacketWrapper, OKPacketWrapper
+
+    while True:
+        try:
+            packet = conn._read_packet()
+        except pymysql.err.MySQLError:
+            if conn._sock is None:
+                raise  # lost, not an error reply
+            return  # an error reply ends the command
+        if packet.is_ok_packet():
+            status = OKPacketWrapper(packet).server_status
+        elif packet.is_load_local_packet():
+            raise pymysql.err.OperationalError(2027, "a cut LOAD DATA LOCAL cannot be recovered")
+        else:
+            for _ in range(packet.read_length_encoded_integer()):
+                conn._read_packet()  # column definitions
+            if not conn._read_packet().is_eof_packet():
+                raise pymysql.err.OperationalError(2027, "no EOF after the column definitions")
+            while True:
+                row = conn._read_packet()
+                if row.is_eof_packet():
+                    status = EOFPacketWrapper(row).server_status
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the reply of a cut connection took too long")
+        conn.server_status = status
+        if not status & _SERVER_MORE_RESULTS_EXISTS:
+            return
 
 
 # -- internal state -------------------------------------------------------------
@@ -475,6 +574,9 @@ class Pool:
         self.reset = reset
         self.leak_threshold = leak_threshold
         self.ops = ops
+        # Optional in ops that are not ConnectionOps subclasses.
+        self._prepare = getattr(ops, "prepare", None)
+        self._recoverable = getattr(ops, "recoverable", None)
         self._pid = os.getpid()
         self._init_state()
         _pools.add(self)
@@ -495,6 +597,8 @@ class Pool:
         self._discards: dict[str, int] = {}
         self._cancels = 0
         self._cancelling = 0  # cancel connections open or being opened (outside max_size)
+        self._recoveries = 0
+        self._recovering = 0  # cut connections whose reply is being read (in max_size)
         self._lost_at = -1.0  # when a connection was last found dropped by the server
         self._wait_count = 0
         self._wait_total = 0.0
@@ -652,12 +756,14 @@ class Pool:
     def stats(self) -> dict[str, Any]:
         """A snapshot of the pool's state and counters.
 
-        ``size`` (open connections), ``idle``, ``in_use``, ``connecting``
-        (slots reserved for connects), ``waiting``, ``cancelling``
-        (connections busy cancelling the server-side work of cut ones,
-        outside ``max_size``); totals since creation
+        ``size`` (open connections), ``idle``, ``in_use`` (including
+        ``recovering``: cut connections whose reply is being read),
+        ``connecting`` (slots reserved for connects), ``waiting``,
+        ``cancelling`` (connections busy cancelling the server-side work of
+        cut ones, outside ``max_size``); totals since creation
         (or fork): ``connects``, ``connect_errors``, ``checkouts``,
-        ``checkins``, ``discards`` (by reason), ``cancels`` (server-side work
+        ``checkins``, ``discards`` (by reason), ``recoveries`` (cut
+        connections made fit and reused), ``cancels`` (server-side work
         of cut connections cancelled), ``timeouts`` (including
         `PoolTooManyWaiting`), ``wait`` - ``count``, ``mean`` and
         ``max`` seconds spent queued by checkouts that had to wait and
@@ -688,6 +794,8 @@ class Pool:
                 "discards": dict(self._discards),
                 "cancels": self._cancels,
                 "cancelling": self._cancelling,
+                "recoveries": self._recoveries,
+                "recovering": self._recovering,
                 "timeouts": self._timeouts,
                 "wait": {
                     "count": self._wait_count,
@@ -872,6 +980,8 @@ class Pool:
                 self._dispatch_locked()
             log.debug("pool %r: connect failed", self.name, exc_info=True)
             raise
+        if self._prepare is not None:
+            self._prepare(conn)
         now = time.monotonic()
         deadline = None
         if self.max_lifetime is not None:
@@ -906,18 +1016,21 @@ class Pool:
         if reason:
             self._discards[reason] = self._discards.get(reason, 0) + 1
 
-    def _remove(self, rec: _Record, reason: str | None) -> None:
+    def _remove(self, rec: _Record, reason: str | None, grace: float = CANCEL_GRACE) -> None:
         """Forget and close a record that is not idle; its slot is freed.
 
-        When the server may still be working for the connection (see
-        `ConnectionOps.orphaned_work`), a short-lived extra connection,
-        outside ``max_size``, cancels that work after `CANCEL_GRACE`. The
+        A connection the ops can recover (see `_recover`) is recovered
+        instead. When the server may still be working for the connection
+        (see `ConnectionOps.orphaned_work`), a short-lived extra connection,
+        outside ``max_size``, cancels that work after ``grace`` seconds. The
         slot is not kept reserved meanwhile: MariaDB's ``KILL`` can take up
         to 2 s (it retries a lock the victim may hold), and a burst of
         disconnects under overload must not starve the pool. There is one
         such connection per cut connection, for as long as its ``KILL``
         takes (``cancelling`` in `stats`).
         """
+        if self._recoverable is not None and self._recover(rec, reason):
+            return
         work = None
         try:
             work = self.ops.orphaned_work(rec.conn)
@@ -938,9 +1051,74 @@ class Pool:
             log.debug("pool %r: discarding %r (%s)", self.name, rec.conn, reason)
         self.ops.close(rec.conn)
         if work is not None:
-            self._cancel_orphaned_work(work)
+            self._cancel_orphaned_work(work, grace)
 
-    def _cancel_orphaned_work(self, work: Any) -> None:
+    def _recover(self, rec: _Record, reason: str | None) -> bool:
+        """Start recovering a cut connection; False if it cannot be.
+
+        A worker of the current worker's loop reads the reply the killed
+        holder left (`ConnectionOps.recover`, within `CANCEL_GRACE`), then
+        resets the connection as `checkin` does and puts it back; the slot
+        stays taken meanwhile (``recovering`` in `stats`). If that fails,
+        the connection is removed for ``reason`` and its statement
+        cancelled at once: the grace is over.
+        """
+        try:
+            if not self._recoverable(rec.conn):  # type: ignore[misc]
+                return False
+        except Exception:
+            log.debug("pool %r: inspecting %r failed", self.name, rec.conn, exc_info=True)
+            return False
+        worker = hub.current_worker()
+        if worker is None or worker.loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+            return False
+        with self._lock:
+            if self._closed:
+                return False
+            self._recovering += 1
+        ref = weakref.ref(self)  # like the canceller: a retired pool is not kept alive
+        ops = self.ops
+        pid = self._pid
+
+        def recover() -> None:
+            ok = False
+            try:
+                ok = ops.recover(rec.conn, CANCEL_GRACE)
+                pool = ref()
+                if ok and pool is not None and pool.reset != "rollback":  # recover() rolled back
+                    ok = ops.reset(rec.conn, pool.reset)
+            finally:
+                pool = ref()
+                if pool is None:
+                    ops.close(rec.conn)
+                elif pool._pid == pid:
+                    pool._recovered(rec, ok, reason)
+
+        hub.start_worker(recover)
+        return True
+
+    def _recovered(self, rec: _Record, ok: bool, reason: str | None) -> None:
+        now = time.monotonic()
+        to_close: list[_Record] = []
+        with self._lock:
+            self._recovering -= 1
+            if ok and not self._closed and (rec.deadline is None or now < rec.deadline):
+                self._recoveries += 1
+                rec.state = _IDLE
+                rec.last_used = now
+                self._idle.append(rec)
+                self._sweep_locked(now, to_close)
+                self._dispatch_locked()
+                ok = True
+            else:
+                ok = False
+        self._close_all(to_close)
+        if ok:
+            log.debug("pool %r: recovered %r", self.name, rec.conn)
+        else:
+            self._remove(rec, reason if not self._closed else "", grace=0.0)
+
+    def _cancel_orphaned_work(self, work: Any, grace: float = CANCEL_GRACE) -> None:
         # The canceller holds the pool weakly: a retired pool is not kept
         # alive by a canceller whose loop stopped before it could run.
         ref = weakref.ref(self)
@@ -952,10 +1130,12 @@ class Pool:
                 # the grace; their sessions then see the closed socket and go.
                 # KILLing them anyway is not free: a burst of KILLs was seen to
                 # stall other sessions' SLEEP() on MariaDB for 2 s.
-                if hub.is_worker():
-                    hub.sleep(CANCEL_GRACE)
+                if grace <= 0:
+                    pass
+                elif hub.is_worker():
+                    hub.sleep(grace)
                 else:
-                    time.sleep(CANCEL_GRACE)
+                    time.sleep(grace)
                 pool = ref()
                 if pool is not None:
                     pool._send_cancel(work)

@@ -26,6 +26,14 @@ wait, and an expired one closes the socket and raises `socket.timeout`
 mid-operation also closes it. Either way `GreenSocket.cut` becomes True:
 this side gave up half way, and the peer may still be working on a request
 (a database server on a query) that nobody will read the answer of.
+
+One exception, for connection pools (`keep_on_kill`): a worker killed while
+it waits for the reply to a request it sent whole - the usual place a
+request is when its client goes away - leaves the socket open but *held*:
+closed to its driver, which sees a dead connection, while the pool may
+`reattach` it, read the reply that comes and use the connection again
+(see `greenpatch.pool.Pool`) instead of opening a new one. A second
+`close` closes a held socket for good.
 """
 
 from __future__ import annotations
@@ -73,6 +81,14 @@ class GreenSocket:
         # what was just sent, which cannot be there yet, so recv_into()
         # waits first instead of spending a system call on EAGAIN.
         self._awaiting_reply = False
+        # Set by sendall() on a plain socket, cleared when bytes arrive:
+        # nothing of the reply to the last request has been read.
+        self._reply_unread = False
+        #: When True, a worker killed while it waits for the reply to a
+        #: whole request leaves the socket open but held (see `reattach`).
+        self.keep_on_kill = False
+        self._hold_on_close = False
+        self._held: _socket.socket | None = None
         # The registration with the loop of the last worker that waited.
         self._watch: hub.FdWatch | None = None
         # Removals of registrations handed to loops of other threads and not
@@ -85,13 +101,37 @@ class GreenSocket:
     def __del__(self) -> None:
         # Dropped without close(): the registration must go before the socket
         # object's own finalizer frees the fd number.
-        if self.__dict__.get("_sock") is not None:
+        d = self.__dict__
+        if d.get("_sock") is not None or d.get("_held") is not None:
+            self._hold_on_close = False
             with contextlib.suppress(Exception):
                 self.close()
+                self.close()  # a socket held by the first one
 
     def __repr__(self) -> str:
-        state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
+        if self._sock is not None:
+            state = f"fd={self._sock.fileno()}"
+        else:
+            state = "closed" if self._held is None else f"held fd={self._held.fileno()}"
         return f"<greenpatch.GreenSocket {state}>"
+
+    @property
+    def held(self) -> bool:
+        """True while a kill left the socket open for `reattach` (see `keep_on_kill`)."""
+        return self._held is not None
+
+    def reattach(self) -> bool:
+        """Open again a socket held since its worker was killed; False if there is none.
+
+        The reply to the request sent before the kill is still to be read,
+        all of it. `cut` is cleared.
+        """
+        sock, self._held = self._held, None
+        if sock is None:
+            return False
+        self._sock = sock
+        self.cut = False
+        return True
 
     # -- socket API used by PyMySQL ---------------------------------------
 
@@ -147,7 +187,9 @@ class GreenSocket:
                 self.close()
                 raise
             else:
-                if not n:
+                if n:
+                    self._reply_unread = False
+                else:
                     self.close()
                 return n
 
@@ -169,12 +211,19 @@ class GreenSocket:
                 self.close()
                 raise
             view = view[sent:]
-        # TLS may hold decrypted bytes the fd does not show: read first there.
-        self._awaiting_reply = not isinstance(sock, ssl.SSLSocket)
+        # TLS may hold decrypted bytes the fd does not show: read first there
+        # (and hold no socket on a kill: TLS state is not only on the wire).
+        self._awaiting_reply = self._reply_unread = not isinstance(sock, ssl.SSLSocket)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is None:
+            sock, self._held = self._held, None  # a held socket: closed for good now
+            if sock is None:
+                return
+        elif self._hold_on_close:
+            self._hold_on_close = False
+            self._held = sock
             return
         self._drop_watch()  # before the fd number can be reused
         with self._lock:
@@ -255,11 +304,15 @@ class GreenSocket:
             self.cut = True
             self.close()
             raise TimeoutError("timed out") from None
-        except BaseException:
+        except BaseException as exc:
             # GreenletExit (worker killed) or anything unexpected: whatever
-            # was half sent or half read makes the connection unusable.
+            # was half sent or half read makes the connection unusable -
+            # unless nothing of the reply to a whole request was read yet.
             self.cut = True
-            self.close()
+            if self.keep_on_kill and self._reply_unread and not write and isinstance(exc, hub.GreenletExit):
+                self._hold_on_close = True  # the driver's close() holds it
+            else:
+                self.close()
             raise
 
 

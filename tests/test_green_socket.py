@@ -272,6 +272,57 @@ def test_worker_killed_mid_query_closes_its_connection(db, patched):
     assert not held[0].open, "a killed query must not leave its connection usable"
 
 
+@pytest.mark.parametrize("keep_on_kill", [False, True])
+@pytest.mark.parametrize("then", ["reattach", "close again", "drop"])
+def test_a_kill_while_a_reply_is_due_holds_the_socket_only_when_asked(keep_on_kill, then):
+    # keep_on_kill (set by the pool): a worker killed while it waits for the
+    # reply to what it sent whole leaves the socket open but held - closed to
+    # the driver (close() holds it) until reattach() opens it again or a
+    # second close(), or the GreenSocket's end, closes it for good.
+    import gc
+
+    a, peer = socket.socketpair()
+    green = GreenSocket(a)
+    green.keep_on_kill = keep_on_kill
+    fd = a.fileno()
+
+    def ask():
+        green.sendall(b"request")
+        green.recv_into(bytearray(16))
+
+    async def main():
+        fut = greenpatch.spawn(ask)
+        await asyncio.sleep(0.05)
+        fut.cancel()
+        await asyncio.sleep(0.01)
+        green.close()  # what PyMySQL does on the way out of the kill
+
+    try:
+        run_loop(main)
+        assert peer.recv(16) == b"request"
+        assert green.cut and green.fileno() == -1
+        assert green.held is keep_on_kill
+        if not keep_on_kill:
+            assert not green.reattach()
+            assert peer.recv(16) == b""  # closed at the kill
+            return
+        if then == "reattach":
+            assert green.reattach() and not green.cut and green.fileno() == fd
+            peer.sendall(b"reply")
+            buf = bytearray(16)
+            assert run_green(green.recv_into, buf) == 5 and bytes(buf[:5]) == b"reply"
+            green.close()
+        elif then == "close again":
+            green.close()
+        else:
+            del green
+            gc.collect()
+        peer.settimeout(2)
+        assert peer.recv(16) == b""  # closed for good
+    finally:
+        peer.close()
+
+
 def test_a_reply_already_there_after_a_send_is_read_at_once_in_and_out_of_workers():
     # After sendall() a plain GreenSocket waits for readability before its
     # first recv (the reply to what was sent cannot be there yet, usually);

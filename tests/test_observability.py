@@ -314,6 +314,8 @@ def test_prometheus_collector(registry):
     assert value("greenpatch_pool_checkins_total", **pool_label) == 1
     assert value("greenpatch_pool_timeouts_total", **pool_label) == 1
     assert value("greenpatch_pool_discards_total", pool="gp-obs-prom", reason="error") == 1
+    for name in ("cancels_total", "cancelling", "recoveries_total", "recovering"):
+        assert value(f"greenpatch_pool_{name}", **pool_label) == 0, name
     assert value("greenpatch_pool_wait_seconds_count", **pool_label) == 0
     assert value("greenpatch_pool_wait_seconds_sum", **pool_label) == 0
     assert value("greenpatch_pool_held_seconds_count", **pool_label) == 2  # a checked in, b discarded

@@ -924,6 +924,156 @@ def test_a_canceller_that_never_runs_does_not_keep_its_pool_alive(scratch_db, pa
     assert ref() is None
 
 
+# -- cut connections whose reply is due: recovered ---------------------------------------
+
+RUNNING_SLEEP = "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s AND INFO LIKE 'SELECT SLEEP%%'"
+
+
+def kill_during_sleep(pool, admin, job):
+    """Run ``job(conn, thread_ids)`` in a worker holding a connection of ``pool``,
+    kill the worker once the connection runs a SLEEP, then check a connection
+    out again: (that connection's thread id, its answer to SELECT 3, the
+    first connection's thread id)."""
+    held = []
+
+    def hold():
+        with pool.connection() as conn:
+            held.append(conn.thread_id())
+            job(conn)
+
+    def again():
+        with pool.connection() as conn:
+            return conn.thread_id(), scalar(conn, "SELECT 3")
+
+    async def main():
+        fut = greenpatch.spawn(hold)
+        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
+        fut.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fut
+        return (*await greenpatch.spawn(again), held[0])
+
+    return run_loop(main)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT SLEEP(0.2), 1",
+        # several results, one larger than the read buffer, one with many rows
+        "SELECT SLEEP(0.2); SELECT REPEAT('x', 200000); SELECT ID FROM information_schema.COLLATIONS",
+        "SELECT SLEEP(0.2); SELECT * FROM no_such_table",  # ends with an error reply
+    ],
+    ids=["one result", "several results", "error reply"],
+)
+def test_a_connection_killed_while_its_reply_is_due_is_recovered(scratch_db, patched, sql, monkeypatch):
+    # A client went away mid-request: the worker is killed while it waits for
+    # the reply to a whole statement. The pool reads that reply to its end and
+    # hands the same connection out again: no reconnect, no KILL. (A grace
+    # longer than the statement, so that a slow machine passes too.)
+    from pymysql.constants import CLIENT
+
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 2.0)
+
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    pool = Pool(
+        lambda: pymysql.connect(**scratch_db, client_flag=CLIENT.MULTI_STATEMENTS), name="recover", max_size=1
+    )
+
+    def job(conn):
+        with conn.cursor() as cur:
+            cur.execute(sql)
+
+    try:
+        thread_id, answer, cut_thread_id = kill_during_sleep(pool, admin, job)
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert (thread_id, answer) == (cut_thread_id, 3)
+    assert (s["recoveries"], s["connects"], s["discards"], s["cancels"]) == (1, 1, {}, 0)
+    assert (s["size"], s["in_use"], s["recovering"]) == (1, 0, 0)
+
+
+def test_a_recovered_connection_has_its_transaction_rolled_back(scratch_db, patched, monkeypatch):
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 2.0)
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    scalar(admin, "CREATE TABLE t (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+    scalar(admin, "INSERT INTO t VALUES (1, 0)")
+    pool = Pool(lambda: pymysql.connect(**scratch_db, autocommit=True), name="recover-txn", max_size=1)
+
+    def job(conn):
+        conn.begin()
+        scalar(conn, "UPDATE t SET v = 1 WHERE id = 1")
+        scalar(conn, "SELECT SLEEP(0.2)")
+
+    try:
+        thread_id, answer, cut_thread_id = kill_during_sleep(pool, admin, job)
+        scalar(admin, "SET SESSION innodb_lock_wait_timeout = 1")
+        scalar(admin, "UPDATE t SET v = v + 10 WHERE id = 1")  # the row lock is free
+        value = scalar(admin, "SELECT v FROM t WHERE id = 1")
+        in_transaction = run_green(lambda: scalar_from(pool, "SELECT @@in_transaction"))
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert thread_id == cut_thread_id and answer == 3
+    assert value == 10  # the cut UPDATE was rolled back
+    assert in_transaction == 0
+    assert (s["recoveries"], s["connects"], s["cancels"]) == (1, 1, 0)
+
+
+def test_recovery_is_given_up_after_the_grace_and_the_statement_killed(scratch_db, patched, monkeypatch):
+    # The reply does not come within CANCEL_GRACE: the connection is closed and
+    # its statement killed at once (the grace is over), as without recovery.
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 0.2)
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    pool = Pool(lambda: pymysql.connect(**scratch_db), name="recover-late", max_size=1)
+    seen = {}
+
+    def job(conn):
+        scalar(conn, "SELECT SLEEP(30)")
+
+    async def watch():
+        # While the reply is awaited the slot stays taken (in_use, recovering).
+        await until(lambda: pool.stats()["recovering"] == 1)
+        seen["recovering"] = time.monotonic(), pool.stats()
+        await until(lambda: pool.stats()["cancels"] == 1)
+        seen["cancelled"] = time.monotonic()
+
+    try:
+        loop_result = {}
+
+        def scenario():
+            held = []
+
+            def hold():
+                with pool.connection() as conn:
+                    held.append(conn.thread_id())
+                    job(conn)
+
+            async def main():
+                fut = greenpatch.spawn(hold)
+                await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
+                fut.cancel()
+                await watch()
+                loop_result["victim"] = held[0]
+
+            run_loop(main)
+
+        scenario()
+        wait_until(lambda: loop_result["victim"] not in server_threads(admin), timeout=3)
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    started, during = seen["recovering"]
+    assert (during["size"], during["in_use"], during["idle"]) == (1, 1, 0)
+    assert 0.15 < seen["cancelled"] - started < 1.5
+    assert (s["recoveries"], s["recovering"], s["cancels"], s["size"]) == (0, 0, 1, 0)
+    assert s["discards"] == {"interrupted": 1}
+
+
 def test_kill_is_skipped_when_the_server_restarted_since(db):
     # Thread ids grow for the life of a server; a fresh connection with a
     # smaller id than the cut one means a restart, and the id may be reused.

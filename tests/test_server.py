@@ -843,6 +843,44 @@ def test_client_disconnect_kills_the_worker_and_returns_the_pool_connection(serv
         pool.close()
 
 
+def test_client_disconnect_during_a_short_query_keeps_the_pool_connection(
+    serve_app, db, patched, monkeypatch
+):
+    # The worker is killed while it waits for the reply to its query: the
+    # pool reads that reply and keeps the connection (no reconnect, no KILL).
+    # (A grace longer than the statement, so that a slow machine passes too.)
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 2.0)
+    pool = Pool(lambda: pymysql.connect(**db), name="server-recover", max_size=1)
+    admin = pymysql.connect(**db)
+    ids = []
+
+    def app(environ, start_response):
+        with pool.connection() as conn, conn.cursor() as cur:
+            ids.append(conn.thread_id())
+            cur.execute("SELECT SLEEP(0.3)" if environ["PATH_INFO"] == "/cut" else "SELECT 0")
+        start_response("200 OK", [])
+        return [str(ids[-1]).encode()]
+
+    def sleeping() -> bool:
+        with admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM information_schema.PROCESSLIST WHERE INFO = 'SELECT SLEEP(0.3)'")
+            return cur.fetchone() is not None
+
+    srv = serve_app(app)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.sendall(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert wait_until(sleeping, interval=0.002)
+        assert wait_until(lambda: srv.server.in_flight == 0 and pool.stats()["recoveries"] == 1)
+        status, _, body = srv.get("/next")
+        stats = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert status == 200 and int(body) == ids[0]  # the same server session
+    assert (stats["connects"], stats["discards"], stats["cancels"]) == (1, {}, 0)
+
+
 def test_client_disconnect_while_streaming_stops_the_worker(serve_app):
     state = {"produced": 0, "closed": False}
 
