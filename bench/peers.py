@@ -53,7 +53,7 @@ if str(HERE) not in sys.path:  # for query_overhead, when loaded by path (tests)
     sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 APP_DIR = HERE / "tfb"
-DB_NAME = "gp_peers"
+DB_NAME = "gp_peers"  # each configuration has its own copy: DB_NAME + "_" + its name
 ROWS = 10_000
 SLOW_SECONDS = 0.05
 
@@ -71,6 +71,11 @@ class Config:
     conn_max_age: int = 0
     kind: str = "greenpatch"  # greenpatch | runserver | gthread | gevent
     greenpatch: bool = False
+
+    @property
+    def database(self) -> str:
+        """Its own copy of the World table: the sessions column counts only its own."""
+        return f"{DB_NAME}_{self.name.replace('-', '_')}"
 
     def command(self, port: int) -> list[str]:
         py = sys.executable
@@ -123,7 +128,7 @@ class Config:
             BENCH_DB_PORT=str(db["port"]),
             BENCH_DB_USER=db["user"],
             BENCH_DB_PASSWORD=db["password"],
-            BENCH_DB_NAME=DB_NAME,
+            BENCH_DB_NAME=self.database,
         )
         if not self.greenpatch:
             env["GREENPATCH"] = "0"
@@ -316,8 +321,8 @@ class Sampler:
     """Samples the server's RSS and the app's MySQL sessions while a run lasts,
     and takes the CPU time of the server and of the database server."""
 
-    def __init__(self, pid: int, db: dict, interval: float = 0.1) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, db: dict, database: str, interval: float = 0.1) -> None:
+        self.pid, self.database, self.interval = pid, database, interval
         self.db_pid = db.get("pid")
         self.conn = pymysql.connect(**connect_params(db), database=None, autocommit=True)
         self.max_rss = 0.0
@@ -330,7 +335,8 @@ class Sampler:
     def _run(self) -> None:
         with self.conn.cursor() as cur:
             while not self._stop.is_set():
-                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s", (DB_NAME,))
+                sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s"
+                cur.execute(sql, (self.database,))
                 self.max_sessions = max(self.max_sessions, cur.fetchone()[0])
                 self.max_rss = max(self.max_rss, rss_mb(self.pid))
                 self._stop.wait(self.interval)
@@ -444,28 +450,28 @@ def database(url: str | None):
         yield {**connect_params(server.params), "pid": server.pid}
 
 
-def create_world(db: dict) -> None:
+def create_world(db: dict, name: str = DB_NAME) -> None:
     conn = pymysql.connect(**connect_params(db), autocommit=True)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
-            cur.execute(f"CREATE DATABASE `{DB_NAME}`")
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            cur.execute(f"CREATE DATABASE `{name}`")
             cur.execute(
-                f"CREATE TABLE `{DB_NAME}`.World (id INT PRIMARY KEY AUTO_INCREMENT,"
+                f"CREATE TABLE `{name}`.World (id INT PRIMARY KEY AUTO_INCREMENT,"
                 " randomnumber INT NOT NULL) ENGINE=InnoDB"
             )
             rng = random.Random(1)
             rows = [(i, rng.randint(1, ROWS)) for i in range(1, ROWS + 1)]
-            cur.executemany(f"INSERT INTO `{DB_NAME}`.World (id, randomnumber) VALUES (%s, %s)", rows)
+            cur.executemany(f"INSERT INTO `{name}`.World (id, randomnumber) VALUES (%s, %s)", rows)
     finally:
         conn.close()
 
 
-def drop_world(db: dict) -> None:
+def drop_world(db: dict, name: str = DB_NAME) -> None:
     with contextlib.suppress(pymysql.MySQLError):
         conn = pymysql.connect(**connect_params(db), autocommit=True)
         with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
 
 
@@ -488,7 +494,7 @@ def measure(server: Server, db: dict, scenario: Scenario, run: Run, rnd: int) ->
     url = server.url(scenario.path)
     if run.warmup:
         wrk(url, scenario.concurrency, run.warmup)
-    with Sampler(server.proc.pid, db) as sampler:
+    with Sampler(server.proc.pid, db, server.config.database) as sampler:
         figures = wrk(url, scenario.concurrency, run.duration)
     return Result(
         server.config.name,
@@ -518,21 +524,30 @@ def run_benchmark(run: Run, db: dict, logdir: Path, memory_clients: int, overhea
 
     progress = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
     try:
-        for rnd in range(run.rounds):
-            order = run.configs if rnd % 2 == 0 else run.configs[::-1]
-            for config in order:
-                progress.set_description(f"round {rnd + 1}/{run.rounds} {config.name}: starting")
-                server = Server(config, db, logdir)
-                try:
-                    server.wait_ready()
-                    for scenario in run.scenarios:
-                        progress.set_description(
-                            f"round {rnd + 1}/{run.rounds} {config.name} {scenario.name}"
-                        )
-                        run.results.append(measure(server, db, scenario, run, rnd))
+        # Every configuration's server runs for the whole benchmark, each on its
+        # own database; each scenario is measured on all of them back to back,
+        # in an order that turns around at every step (A B C, C B A, ...), so
+        # that what drifts within a round hits every configuration alike.
+        servers: dict[str, Server] = {}
+        try:
+            for config in run.configs:
+                progress.set_description(f"starting {config.name}")
+                servers[config.name] = Server(config, db, logdir)
+            for server in servers.values():
+                server.wait_ready()
+            step = 0
+            for rnd in range(run.rounds):
+                for scenario in run.scenarios:
+                    order = run.configs if step % 2 == 0 else run.configs[::-1]
+                    step += 1
+                    for config in order:
+                        where = f"round {rnd + 1}/{run.rounds} {scenario.name}"
+                        progress.set_description(f"{where} {config.name}")
+                        run.results.append(measure(servers[config.name], db, scenario, run, rnd))
                         progress.update(1)
-                finally:
-                    server.stop()
+        finally:
+            for server in servers.values():
+                server.stop()
         if memory_clients:
             progress.set_description(f"memory: {memory_clients} in-flight /slow, 1 process")
             run.memory = measure_memory(db, logdir, memory_clients, run.duration)
@@ -569,7 +584,7 @@ def measure_memory(db: dict, logdir: Path, clients: int, seconds: int) -> dict:
             wrk(server.url("/slow"), 64, 1)
             time.sleep(1.0)
             idle = rss_mb(server.proc.pid)
-            with Sampler(server.proc.pid, db) as sampler:
+            with Sampler(server.proc.pid, db, config.database) as sampler:
                 figures = wrk(server.url("/slow"), clients, max(seconds, 5))
             out[config.name] = {
                 "label": config.label,
@@ -916,7 +931,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--db-url",
         help="use this server (mysql://user:password@host:port) instead of a "
-        "private mariadbd; the user must be able to create the database gp_peers",
+        "private mariadbd; the user must be able to create the databases gp_peers_*",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
@@ -1024,13 +1039,16 @@ def main(argv: list[str] | None = None) -> int:
         run_argv = sys.argv[1:] if argv is None else list(argv)
         run = Run(args.configs, args.scenarios, args.rounds, args.duration, args.warmup)
         with tempfile.TemporaryDirectory(prefix="gp-peers-") as tmp, database(args.db_url) as db:
-            create_world(db)
+            names = sorted({c.database for c in [*run.configs, *MEMORY_CONFIGS]})
             try:
+                for name in names:
+                    create_world(db, name)
                 env = environment(db)
                 print("\n".join(env), flush=True)
                 run_benchmark(run, db, Path(tmp), args.memory_clients, args.overhead_rounds)
             finally:
-                drop_world(db)
+                for name in names:
+                    drop_world(db, name)
         if args.json:
             save(args.json, run, env, started, run_argv)
             print(f"written: {args.json}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -78,6 +79,16 @@ def test_greenpatch_configs_serve_without_access_log_and_peers_run_unpatched(pee
     gthread = peers.BY_NAME["gthread"]
     assert gthread.env({"host": "h", "port": 1, "user": "u", "password": "p"})["GREENPATCH"] == "0"
     assert "gthread" in gthread.command(8123)
+
+
+def test_each_configuration_has_its_own_database(peers):
+    # All servers run at once; the sessions column counts each one's own.
+    configs = [*peers.CONFIGS, *peers.MEMORY_CONFIGS]
+    names = {c.database for c in configs}
+    assert len(names) == len({c.name for c in configs})
+    assert all(re.fullmatch(r"gp_peers_\w+", n) for n in names)
+    gp1 = peers.BY_NAME["gp1"]
+    assert gp1.env({"host": "h", "port": 1, "user": "u", "password": "p"})["BENCH_DB_NAME"] == gp1.database
 
 
 def fake_run(peers):
