@@ -1029,47 +1029,32 @@ def test_recovery_is_given_up_after_the_grace_and_the_statement_killed(scratch_d
     monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 0.2)
     admin = pymysql.connect(**scratch_db, autocommit=True)
     pool = Pool(lambda: pymysql.connect(**scratch_db), name="recover-late", max_size=1)
-    seen = {}
+    held = []
 
-    def job(conn):
-        scalar(conn, "SELECT SLEEP(30)")
+    def hold():
+        with pool.connection() as conn:
+            held.append(conn.thread_id())
+            scalar(conn, "SELECT SLEEP(30)")
 
-    async def watch():
+    async def main():
+        fut = greenpatch.spawn(hold)
+        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
+        fut.cancel()
         # While the reply is awaited the slot stays taken (in_use, recovering).
         await until(lambda: pool.stats()["recovering"] == 1)
-        seen["recovering"] = time.monotonic(), pool.stats()
+        started, during = time.monotonic(), pool.stats()
         await until(lambda: pool.stats()["cancels"] == 1)
-        seen["cancelled"] = time.monotonic()
+        return during, time.monotonic() - started
 
     try:
-        loop_result = {}
-
-        def scenario():
-            held = []
-
-            def hold():
-                with pool.connection() as conn:
-                    held.append(conn.thread_id())
-                    job(conn)
-
-            async def main():
-                fut = greenpatch.spawn(hold)
-                await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
-                fut.cancel()
-                await watch()
-                loop_result["victim"] = held[0]
-
-            run_loop(main)
-
-        scenario()
-        wait_until(lambda: loop_result["victim"] not in server_threads(admin), timeout=3)
+        during, until_cancelled = run_loop(main)
+        wait_until(lambda: held[0] not in server_threads(admin), timeout=3)
         s = pool.stats()
     finally:
         pool.close()
         admin.close()
-    started, during = seen["recovering"]
     assert (during["size"], during["in_use"], during["idle"]) == (1, 1, 0)
-    assert 0.15 < seen["cancelled"] - started < 1.5
+    assert 0.15 < until_cancelled < 1.5
     assert (s["recoveries"], s["recovering"], s["cancels"], s["size"]) == (0, 0, 1, 0)
     assert s["discards"] == {"interrupted": 1}
 
