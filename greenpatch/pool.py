@@ -705,10 +705,7 @@ class Pool:
                 self._forget_locked(rec, None)
                 to_close.append(rec)
             else:
-                rec.state = _IDLE
-                rec.last_used = time.monotonic()
-                self._idle.append(rec)
-                self._sweep_locked(rec.last_used, to_close)
+                self._reuse_locked(rec, to_close)
             self._dispatch_locked()
         self._close_all(to_close)
 
@@ -910,6 +907,14 @@ class Pool:
                 self._return_idle_locked(grant)
                 self._dispatch_locked()
 
+    def _reuse_locked(self, rec: _Record, to_close: list[_Record]) -> None:
+        # Put a connection fit for reuse on top of the idle stack (the
+        # caller then serves the waiters); what idled too long goes.
+        rec.state = _IDLE
+        rec.last_used = time.monotonic()
+        self._idle.append(rec)
+        self._sweep_locked(rec.last_used, to_close)
+
     def _return_idle_locked(self, rec: _Record) -> None:
         # Put back a connection nobody used (its grantee gave up).
         rec.state = _IDLE
@@ -1098,22 +1103,16 @@ class Pool:
         return True
 
     def _recovered(self, rec: _Record, ok: bool, reason: str | None) -> None:
-        now = time.monotonic()
         to_close: list[_Record] = []
         with self._lock:
             self._recovering -= 1
-            if ok and not self._closed and (rec.deadline is None or now < rec.deadline):
+            reuse = ok and not self._closed and (rec.deadline is None or time.monotonic() < rec.deadline)
+            if reuse:
                 self._recoveries += 1
-                rec.state = _IDLE
-                rec.last_used = now
-                self._idle.append(rec)
-                self._sweep_locked(now, to_close)
+                self._reuse_locked(rec, to_close)
                 self._dispatch_locked()
-                ok = True
-            else:
-                ok = False
         self._close_all(to_close)
-        if ok:
+        if reuse:
             log.debug("pool %r: recovered %r", self.name, rec.conn)
         else:
             self._remove(rec, reason if not self._closed else "", grace=0.0)
