@@ -77,6 +77,16 @@ class GreenSocket:
         #: operation (timeout, worker killed) rather than at the peer's end
         #: of stream or by `close`.
         self.cut = False
+        # Set by sendall() on a plain socket: the next read is the reply to
+        # what was just sent, which cannot be there yet, so recv_into()
+        # waits first instead of spending a system call on EAGAIN. It also
+        # keeps the loop fair. Reading first (as gevent does) was measured
+        # with two processes on two cores at /queries?q=20: a reply is often
+        # there already (mariadbd ran on this core during the send), the
+        # worker then goes on without a turn of the loop, and the others wait
+        # longer for theirs: 10-15 % more requests/s, but p99 1-2.5 s instead
+        # of 0.25-0.3 s.
+        self._awaiting_reply = False
         # Set by sendall() on a plain socket, cleared when bytes arrive:
         # nothing of the reply to the last request has been read.
         self._reply_unread = False
@@ -166,16 +176,10 @@ class GreenSocket:
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Receive into ``buffer``; 0 means end of stream (the socket is then closed)."""
-        # Read before waiting, even right after a send. Waiting first saves
-        # the system call that finds nothing (about 3 us of CPU per query on
-        # one connection) but was measured to cost more under load: two
-        # processes on two cores serving /queries?q=20 sent 5-10 reschedule
-        # interrupts per request instead of 1-3, spent more kernel time
-        # (theirs and mariadbd's) and served 5-10 % fewer requests. The
-        # likely cause: the database thread that the send woke gets this core
-        # at the next system call; a worker that parks without one lets the
-        # loop send the next query first, and that thread goes elsewhere.
         sock = self._open()
+        if self._awaiting_reply:
+            self._awaiting_reply = False
+            self._wait(sock, write=False)
         while True:
             try:
                 n = sock.recv_into(buffer, nbytes)
@@ -213,8 +217,9 @@ class GreenSocket:
                 self.close()
                 raise
             view = view[sent:]
-        # Hold no socket on a kill under TLS: its state is not only on the wire.
-        self._reply_unread = not isinstance(sock, ssl.SSLSocket)
+        # TLS may hold decrypted bytes the fd does not show: read first there
+        # (and hold no socket on a kill: TLS state is not only on the wire).
+        self._awaiting_reply = self._reply_unread = not isinstance(sock, ssl.SSLSocket)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

@@ -335,11 +335,9 @@ def test_read_and_write_registrations_replace_each_other(patched):
             watch = await greenpatch.spawn(work)
             await drainer
             write_watch = (watch.write, watch.registered, _registered(loop, a.fileno()))
-            buf = bytearray(5)
-            reader = greenpatch.spawn(green.recv_into, buf)  # nothing there yet: it waits
-            await asyncio.sleep(0.01)
             b.sendall(b"hello")
-            n = await reader
+            buf = bytearray(5)
+            n = await greenpatch.spawn(green.recv_into, buf)
             read_watch = green._watch
             return write_watch, watch.registered, read_watch.write, n, bytes(buf)
 

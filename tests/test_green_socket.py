@@ -323,19 +323,20 @@ def test_a_kill_while_a_reply_is_due_holds_the_socket_only_when_asked(keep_on_ki
         peer.close()
 
 
-def test_a_reply_already_there_after_a_send_is_read_without_waiting_in_and_out_of_workers():
-    # recv_into() reads before it waits, right after a send too: a reply
-    # that is already there is taken at once, without registering the
-    # socket with the loop or parking the worker, and nothing is lost.
+def test_a_reply_already_there_after_a_send_is_read_at_once_in_and_out_of_workers():
+    # After sendall() a plain GreenSocket waits for readability before its
+    # first recv (the reply to what was sent cannot be there yet, usually);
+    # when it already is, the wait returns at once and nothing is lost.
     def exchange(green, peer):
         peer.sendall(b"early reply")  # in the socket before the request is even sent
         green.sendall(b"request")
+        assert green._awaiting_reply
         buf = bytearray(64)
         n = green.recv_into(buf)
-        assert green._watch is None  # never waited
+        assert not green._awaiting_reply
         assert peer.recv(64) == b"request"
         peer.sendall(b"second")
-        m = green.recv_into(memoryview(buf)[n:])
+        m = green.recv_into(memoryview(buf)[n:])  # no send in between: straight to recv
         return bytes(buf[: n + m])
 
     for where in ("worker", "main greenlet"):
