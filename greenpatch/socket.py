@@ -81,11 +81,10 @@ class GreenSocket:
         # what was just sent, which cannot be there yet, so recv_into()
         # waits first instead of spending a system call on EAGAIN. It also
         # keeps the loop fair. Reading first (as gevent does) was measured
-        # with two processes on two cores at /queries?q=20: a reply is often
-        # there already (mariadbd ran on this core during the send), the
-        # worker then goes on without a turn of the loop, and the others wait
-        # longer for theirs: 10-15 % more requests/s, but p99 1-2.5 s instead
-        # of 0.25-0.3 s.
+        # with two processes on two cores at /queries?q=20: the reply is
+        # often there already when the worker reads, the worker then goes on
+        # without a turn of the loop, and the others wait longer for theirs:
+        # 7-23 % more requests/s, but p99 0.65-2.6 s instead of 0.23-0.32 s.
         self._awaiting_reply = False
         # Set by sendall() on a plain socket, cleared when bytes arrive:
         # nothing of the reply to the last request has been read.
