@@ -1129,12 +1129,11 @@ class Pool:
                 # the grace; their sessions then see the closed socket and go.
                 # KILLing them anyway is not free: a burst of KILLs was seen to
                 # stall other sessions' SLEEP() on MariaDB for 2 s.
-                if grace <= 0:
-                    pass
-                elif hub.is_worker():
-                    hub.sleep(grace)
-                else:
-                    time.sleep(grace)
+                if grace > 0:
+                    if hub.is_worker():
+                        hub.sleep(grace)
+                    else:
+                        time.sleep(grace)
                 pool = ref()
                 if pool is not None:
                     pool._send_cancel(work)

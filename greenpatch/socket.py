@@ -108,10 +108,9 @@ class GreenSocket:
         # object's own finalizer frees the fd number.
         d = self.__dict__
         if d.get("_sock") is not None or d.get("_held") is not None:
-            self._hold_on_close = False
+            self._hold_on_close = False  # so close() closes an open socket or a held one
             with contextlib.suppress(Exception):
                 self.close()
-                self.close()  # a socket held by the first one
 
     def __repr__(self) -> str:
         if self._sock is not None:
