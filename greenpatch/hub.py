@@ -619,6 +619,8 @@ class FdWatch:
       selector entry for a reused fd number makes the next registration of
       that number fail (or never fire). `release` therefore runs its
       ``then`` (normally: close the socket) only after the removal;
+    * once the loop's thread has ended, nothing runs that loop any more:
+      `release` from another thread then removes the registration at once;
     * while nobody waits, a ready event (the peer closed an idle
       connection) removes the registration, as the loop would otherwise see
       the same level-triggered event at every iteration;
@@ -630,7 +632,7 @@ class FdWatch:
       shared with it): the child never touches it.
     """
 
-    __slots__ = ("aloop", "thread", "pid", "fd", "write", "registered", "resume")
+    __slots__ = ("aloop", "thread", "owner", "pid", "fd", "write", "registered", "resume")
 
     def __init__(self, fd: int, write: bool = False) -> None:
         carrier = getcurrent()
@@ -638,6 +640,7 @@ class FdWatch:
             raise NotInWorkerError("greenpatch.FdWatch() can only be made inside a greenpatch worker")
         self.aloop: asyncio.AbstractEventLoop = carrier.worker.loop.asyncio_loop  # type: ignore[union-attr]
         self.thread = threading.get_ident()
+        self.owner = threading.current_thread()
         self.pid = os.getpid()
         self.fd = fd
         self.write = write
@@ -682,9 +685,15 @@ class FdWatch:
         forked child) both happen now and True is returned. From another
         thread the removal is scheduled on the loop, ``then`` runs there
         after it, and False is returned; if the loop never runs again,
-        neither does ``then``.
+        neither does ``then`` - unless its thread has ended: both then
+        happen now.
         """
-        if self.registered and self.pid == os.getpid() and threading.get_ident() != self.thread:
+        if (
+            self.registered
+            and self.pid == os.getpid()
+            and threading.get_ident() != self.thread
+            and self.owner.is_alive()
+        ):
             try:
                 self.aloop.call_soon_threadsafe(self._remove_then, then)
                 return False

@@ -512,3 +512,24 @@ def test_an_exception_in_a_wait_in_place_removes_the_registration(patched):
         signal.signal(signal.SIGALRM, previous)
         a.close()
         b.close()
+
+
+def test_close_after_the_loops_thread_ended_frees_the_fd_at_once(db, patched):
+    # Nothing will run that loop again: the removal cannot wait for it.
+    box = {}
+
+    def run():
+        loop = box["loop"] = IOLoop(make_current=False)
+        box["conn"] = loop.run_sync(lambda: greenpatch.spawn(_connected, db))
+        # The thread ends with its loop stopped, not closed.
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    loop, conn = box["loop"], box.pop("conn")
+    fd = conn._sock.fileno()
+    assert _registered(loop, fd)
+    conn.close()
+    assert not _registered(loop, fd)
+    assert not _fd_open(fd)
+    loop.close(all_fds=False)
