@@ -23,6 +23,12 @@ What a pool guarantees:
   LIFO idle stack (newest first, so surplus connections age out);
 * a connection is never held by two callers: checking one in twice, or one
   the pool does not know, raises `PoolError`;
+* a connection is never lost from the count. The pool holds a checked-out
+  connection only weakly: one that is garbage-collected without being
+  checked in (its holder dropped it) frees its slot, with a warning. A
+  worker parked when its thread ends can never run again, and greenlet
+  never frees it: the connections it holds are closed and their slots freed
+  by the next `checkout` that has to wait (or `stats`), with a warning;
 * a connection whose holder was killed while it waited for a reply (a
   client that went away) is *recovered* when the ops can
   (`ConnectionOps.recoverable`): the reply is read to its end within
@@ -83,6 +89,10 @@ _CLIENT_DEPRECATE_EOF = 1 << 24
 _COM_RESET_CONNECTION = 0x1F
 # pymysql.constants.ER.NO_SUCH_THREAD ("Unknown thread id")
 _ER_NO_SUCH_THREAD = 1094
+
+#: At most how often a `Pool.checkout` that has to wait looks for connections
+#: held by workers whose thread has ended (`Pool.stats` always looks).
+THREADS_CHECK_INTERVAL = 1.0
 
 #: Seconds the pool waits before it KILLs the statement of a connection cut
 #: mid-query (it lets short statements end by themselves); also how long it
@@ -168,6 +178,12 @@ class ConnectionOps:
             conn.close()
         except Exception:
             log.debug("closing %r failed", conn, exc_info=True)
+
+    def abandon(self, conn: Any) -> None:
+        """Close ``conn`` for a holder that can never run again (its thread
+        ended while it waited, maybe in the middle of a read that holds the
+        driver's own locks); never raises `Exception`. By default, `close`."""
+        self.close(conn)
 
     def prepare(self, conn: Any) -> None:
         """Called once for each connection the pool opened, before its first use."""
@@ -342,6 +358,18 @@ class PyMySQLOps(ConnectionOps):
         if sock is not None and sock.held:
             sock.close()  # held since a kill and not recovered
 
+    def abandon(self, conn: Any) -> None:
+        # Only the socket: PyMySQL's close() would take the lock of its
+        # buffered reader, which the parked holder may hold for good.
+        sock = green_socket_of(conn)
+        if sock is None:  # not opened in a worker: no parked worker holds it
+            self.close(conn)
+            return
+        try:
+            sock.abandon()
+        except Exception:
+            log.debug("closing %r failed", conn, exc_info=True)
+
 
 def _drain_reply(conn: Any, deadline: float) -> None:
     """Read and drop the whole reply to the command ``conn`` sent last.
@@ -393,10 +421,26 @@ _RETURNING = "returning"  # being reset by checkin
 
 
 class _Record:
-    __slots__ = ("conn", "created", "deadline", "last_used", "state", "checked_out", "stack", "leak_logged")
+    __slots__ = (
+        "conn",
+        "key",
+        "lent",
+        "created",
+        "deadline",
+        "last_used",
+        "state",
+        "checked_out",
+        "stack",
+        "leak_logged",
+        "thread",
+    )
 
     def __init__(self, conn: Any, created: float, deadline: float | None) -> None:
-        self.conn = conn
+        # While the connection is checked out, the record holds it only
+        # through ``lent``, and ``conn`` is None (see `lend`).
+        self.conn: Any = conn
+        self.key = id(conn)  # in Pool._records
+        self.lent: _Lent | None = None
         self.created = created
         self.deadline = deadline
         self.last_used = created
@@ -404,6 +448,56 @@ class _Record:
         self.checked_out = created
         self.stack: str | None = None
         self.leak_logged = False
+        # The thread whose loop runs the worker holding it; None if checked
+        # out outside a worker (see Pool._reclaim_from_ended_threads).
+        self.thread: threading.Thread | None = None
+
+    def current(self) -> Any:
+        """The connection, or None once a lent one was garbage-collected."""
+        lent = self.lent
+        return self.conn if lent is None else lent()
+
+    def lend(self, pool_ref: weakref.ref[Pool]) -> Any:
+        """Hold the connection weakly from now on, until `take_back`; return it."""
+        conn = self.conn
+        try:
+            self.lent = _Lent(conn, _collected_while_lent)
+        except TypeError:  # a connection type without weak references: held as before
+            return conn
+        self.lent.record = self
+        self.lent.pool_ref = pool_ref
+        self.conn = None
+        return conn
+
+    def take_back(self, conn: Any) -> None:
+        self.conn = conn
+        self.lent = None  # a dropped weak reference never calls back
+
+
+class _Lent(weakref.ref):
+    """The pool's weak reference to a checked-out connection."""
+
+    __slots__ = ("record", "pool_ref")
+    record: _Record
+    pool_ref: weakref.ref[Pool]
+
+
+def _collected_while_lent(lent: _Lent) -> None:
+    # A checked-out connection was garbage-collected. This runs wherever the
+    # collection happened, maybe inside the pool's own locked code in this
+    # same thread: the record is queued, and handled now only if the lock is
+    # free, else by the pool's next checkout, checkin or stats.
+    pool = lent.pool_ref()
+    if pool is None or pool._pid != os.getpid():
+        return
+    pool._collected.append(lent.record)
+    if pool._lock.acquire(blocking=False):
+        messages: list[str] = []
+        try:
+            pool._reclaim_locked(messages)
+        finally:
+            pool._lock.release()
+        pool._log_leaks(messages)
 
 
 class _Waiter:
@@ -576,8 +670,10 @@ class Pool:
         self.ops = ops
         # Optional in ops that are not ConnectionOps subclasses.
         self._prepare = getattr(ops, "prepare", None)
+        self._abandon_conn = getattr(ops, "abandon", ops.close)
         self._recoverable = getattr(ops, "recoverable", None)
         self._pid = os.getpid()
+        self._ref = weakref.ref(self)  # what lent connections call back (see _Record.lend)
         self._init_state()
         _pools.add(self)
 
@@ -589,6 +685,8 @@ class Pool:
         self._waiters: deque[_Waiter] = deque()
         self._connecting = 0  # reserved slots: connects in progress or granted to a waiter
         self._orphans: set[int] = set()  # id() of a parent process's connections
+        self._collected: list[_Record] = []  # lent connections garbage-collected (see _reclaim_locked)
+        self._threads_checked = 0.0  # when _reclaim_from_ended_threads last looked
         self._connects = 0
         self._connect_errors = 0
         self._checkouts = 0
@@ -636,6 +734,8 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
+            if self._collected:
+                self._reclaim_locked(leaks)
             self._sweep_locked(start, to_close)
             self._scan_leaks_locked(start, leaks)
             if not self._waiters and self._idle:
@@ -656,6 +756,8 @@ class Pool:
         self._log_leaks(leaks)
         self._close_all(to_close)
         if waiter is not None:
+            if start - self._threads_checked >= THREADS_CHECK_INTERVAL:
+                self._reclaim_from_ended_threads(start)
             grant = self._wait_for(waiter, timeout)
         return self._claim(grant)
 
@@ -700,13 +802,17 @@ class Pool:
             self._remove(rec, reason)
             return
         to_close: list[_Record] = []
+        reclaimed: list[str] = []
         with self._lock:
+            if self._collected:
+                self._reclaim_locked(reclaimed)
             if self._closed:
                 self._forget_locked(rec, None)
                 to_close.append(rec)
             else:
                 self._reuse_locked(rec, to_close)
             self._dispatch_locked()
+        self._log_leaks(reclaimed)
         self._close_all(to_close)
 
     def discard(self, conn: Any, reason: str = "discarded") -> None:
@@ -771,8 +877,11 @@ class Pool:
         end of its response.
         """
         self._check_fork()
+        self._reclaim_from_ended_threads(time.monotonic())
         leaks: list[str] = []
         with self._lock:
+            if self._collected:
+                self._reclaim_locked(leaks)
             self._scan_leaks_locked(time.monotonic(), leaks)
             size = len(self._records)
             idle = len(self._idle)
@@ -952,14 +1061,16 @@ class Pool:
                         raise PoolClosed(f"pool {self.name!r} is closed")
                     continue
             now = time.monotonic()
+            thread = threading.current_thread() if hub.is_worker() else None
             with self._lock:
                 self._checkouts += 1
                 rec.checked_out = now
                 rec.leak_logged = False
+                rec.thread = thread
             if self.leak_threshold is not None:
                 rec.stack = "".join(traceback.format_stack()[:-2])
                 self._schedule_leak_check()
-            return rec.conn
+            return rec.lend(self._ref)
 
     def _unfit(self, rec: _Record) -> str | None:
         """Why ``rec`` must not be handed out, or None if it is fine."""
@@ -1010,18 +1121,22 @@ class Pool:
 
     def _held_record_locked(self, conn: Any, what: str) -> _Record:
         rec = self._records.get(id(conn))
-        if rec is None or rec.conn is not conn:
+        if rec is None or rec.current() is not conn:
             raise PoolError(f"cannot {what} {conn!r}: it is not a connection of pool {self.name!r}")
         if rec.state != _IN_USE:
             raise PoolError(f"cannot {what} {conn!r}: it is not checked out of pool {self.name!r}")
+        rec.take_back(conn)
+        rec.thread = None  # a grant to a waiter not running yet is not its holder's
         return rec
 
     def _forget_locked(self, rec: _Record, reason: str | None) -> None:
-        del self._records[id(rec.conn)]
+        del self._records[rec.key]
         if reason:
             self._discards[reason] = self._discards.get(reason, 0) + 1
 
-    def _remove(self, rec: _Record, reason: str | None, grace: float = CANCEL_GRACE) -> None:
+    def _remove(
+        self, rec: _Record, reason: str | None, grace: float = CANCEL_GRACE, abandoned: bool = False
+    ) -> None:
         """Forget and close a record that is not idle; its slot is freed.
 
         A connection the ops can recover (see `_recover`) is recovered
@@ -1034,12 +1149,14 @@ class Pool:
         such connection per cut connection, for as long as its ``KILL``
         takes (``cancelling`` in `stats`).
         """
-        if self._recoverable is not None and self._recover(rec, reason):
+        if abandoned:  # its holder can never run again (see _reclaim_from_ended_threads)
+            self._abandon_conn(rec.conn)
+        elif self._recoverable is not None and self._recover(rec, reason):
             return
         work = None
         try:
             work = self.ops.orphaned_work(rec.conn)
-            lost = work is None and not self.ops.is_usable(rec.conn)
+            lost = work is None and not abandoned and not self.ops.is_usable(rec.conn)
         except Exception:
             log.debug("pool %r: inspecting %r failed", self.name, rec.conn, exc_info=True)
             lost = False
@@ -1054,7 +1171,8 @@ class Pool:
             self._dispatch_locked()
         if reason:
             log.debug("pool %r: discarding %r (%s)", self.name, rec.conn, reason)
-        self.ops.close(rec.conn)
+        if not abandoned:
+            self.ops.close(rec.conn)
         if work is not None:
             self._cancel_orphaned_work(work, grace)
 
@@ -1260,9 +1378,69 @@ class Pool:
             if held > threshold and not rec.leak_logged:
                 rec.leak_logged = True
                 out.append(
-                    f"pool {self.name!r}: connection {rec.conn!r} held for {held:.1f} s "
+                    f"pool {self.name!r}: connection {rec.current()!r} held for {held:.1f} s "
                     f"(leak_threshold={threshold:g} s); it was checked out at:\n{rec.stack}"
                 )
+
+    def _reclaim_locked(self, out: list[str]) -> None:
+        # Free the slots of lent connections that were garbage-collected (see
+        # _collected_while_lent); their sockets closed as they went. A record
+        # no longer in _records was replaced by a connection that got the
+        # same id() since: its slot is already counted as free.
+        collected, self._collected = self._collected, []
+        now = time.monotonic()
+        for rec in collected:
+            if self._records.get(rec.key) is not rec or rec.state != _IN_USE:
+                continue
+            self._count_held_locked(rec, now)
+            self._forget_locked(rec, "not_checked_in")
+            message = (
+                f"pool {self.name!r}: a connection checked out {now - rec.checked_out:.1f} s ago was "
+                "garbage-collected without being checked in (its holder dropped it, or its thread "
+                "ended while it was held); its slot is free again"
+            )
+            if rec.stack is not None:
+                message += f"; it was checked out at:\n{rec.stack}"
+            out.append(message)
+        self._dispatch_locked()
+
+    def _reclaim_from_ended_threads(self, now: float) -> None:
+        # A worker parked on a loop whose thread has ended never runs again,
+        # so it never checks its connections in; and greenlet never frees
+        # it (a suspended greenlet's frames are not seen by the garbage
+        # collector), so the weak reference never calls back either. Close
+        # those connections (cancelling a statement still running) and free
+        # their slots. Only connections checked out inside a worker are
+        # considered: those belong to their loop's thread.
+        self._threads_checked = now
+        ended: list[_Record] = []
+        messages: list[str] = []
+        with self._lock:
+            alive: dict[threading.Thread, bool] = {}
+            for rec in self._records.values():
+                thread = rec.thread
+                if rec.state != _IN_USE or thread is None:
+                    continue
+                if thread not in alive:
+                    alive[thread] = thread.is_alive()
+                if alive[thread]:
+                    continue
+                conn = rec.current()
+                if conn is None:  # collected: _reclaim_locked frees it
+                    continue
+                rec.take_back(conn)
+                rec.state = _RETURNING
+                self._count_held_locked(rec, now)
+                ended.append(rec)
+                messages.append(
+                    f"pool {self.name!r}: closing a connection checked out "
+                    f"{now - rec.checked_out:.1f} s ago by a worker whose thread "
+                    f"({thread.name}) ended before it was checked in; its slot is free again"
+                    + (f"; it was checked out at:\n{rec.stack}" if rec.stack is not None else "")
+                )
+        self._log_leaks(messages)
+        for rec in ended:
+            self._remove(rec, "holder_thread_ended", abandoned=True)
 
     def _log_leaks(self, messages: list[str]) -> None:
         for message in messages:
@@ -1300,7 +1478,7 @@ class Pool:
         # time: replace it unacquired. The parent's connections share their
         # sockets with it, so they are neither closed nor used here.
         closed = self._closed
-        conns = [rec.conn for rec in self._records.values()]
+        conns = [c for c in (rec.current() for rec in self._records.values()) if c is not None]
         orphans = self._orphans
         _forked_connections.extend(conns)
         self._init_state()

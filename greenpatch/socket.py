@@ -240,6 +240,17 @@ class GreenSocket:
                 return
         sock.close()
 
+    def abandon(self) -> None:
+        """Close for good, held or not: its holder can never run again (its thread ended).
+
+        Marked `cut` when nothing of the reply to the last request had
+        arrived: the server may still be working on it.
+        """
+        if self._reply_unread and (self._sock is not None or self._held is not None):
+            self.cut = True
+        self._hold_on_close = False  # so close() closes an open socket or a held one
+        self.close()
+
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> GreenSocket:
         """Upgrade to TLS in place (handshake cooperative in a worker); return self."""
         raw = self._open()

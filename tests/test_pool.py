@@ -1495,3 +1495,185 @@ def test_a_connection_held_by_a_worker_left_on_a_closed_loop_is_not_lost(db, pat
     assert (s["size"], s["in_use"], s["discards"]) == (1, 0, {"interrupted": 1})
     if waiting_on == "its query":
         wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
+
+
+# -- connections never checked in -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["unpatched", "patched"])
+def test_a_dropped_connection_frees_its_slot(db, pools, caplog, mode):
+    if mode == "patched":
+        greenpatch.patch_all()
+    try:
+        pool = pools(db, max_size=1, timeout=0.5)
+        conn = pool.checkout()
+        thread_id = conn.thread_id()
+        del conn  # never checked in: CPython frees it here, its socket with it
+        s = pool.stats()
+        assert (s["size"], s["in_use"], s["discards"]) == (0, 0, {"not_checked_in": 1})
+        assert "garbage-collected without being checked in" in caplog.text
+        assert scalar_from(pool, "SELECT 1") == 1  # the slot is free: no PoolTimeout
+        admin = pymysql.connect(**db)
+        try:
+            wait_until(lambda: thread_id not in server_threads(admin))
+        finally:
+            admin.close()
+    finally:
+        if mode == "patched":
+            greenpatch.unpatch_all()
+
+
+def test_a_connection_collected_inside_the_pools_lock_is_freed_by_the_next_call(db, pools):
+    # The collection can happen anywhere, also inside the pool's own locked
+    # code in the same thread: the slot is then freed by the next call.
+    pool = pools(db, max_size=1, timeout=0.5)
+    conn = pool.checkout()
+    with pool._lock:
+        del conn
+        assert len(pool._records) == 1  # not freed yet: the lock is held
+    assert scalar_from(pool, "SELECT 1") == 1  # no PoolTimeout
+    assert pool.stats()["discards"] == {"not_checked_in": 1}
+
+
+def test_a_waiter_gets_the_slot_of_a_dropped_connection(db, pools):
+    pool = pools(db, max_size=1, timeout=5)
+    held = [pool.checkout()]
+    got = []
+    thread = threading.Thread(target=lambda: got.append(scalar_from(pool, "SELECT 7")))
+    thread.start()
+    wait_until(lambda: pool.stats()["waiting"] == 1)
+    t0 = time.monotonic()
+    held.clear()
+    thread.join(5)
+    assert got == [7]
+    assert time.monotonic() - t0 < 1.0  # woken by the collection, not a timeout
+
+
+def test_a_connection_that_cannot_be_weakly_referenced_is_held_as_before():
+    pool = Pool(object, ops=ConnectionOps(), name="strong", max_size=1, timeout=0.1, reset="none")
+    pool.checkout()  # dropped, but the pool cannot tell: it stays checked out
+    with pytest.raises(PoolTimeout):
+        pool.checkout()
+    assert pool.stats()["in_use"] == 1
+
+
+@pytest.mark.parametrize("loop_end", ["closed", "left open"])
+@pytest.mark.parametrize("waiting_on", ["a sleep", "its query"])
+def test_a_connection_held_by_a_worker_whose_thread_ended_is_not_lost(
+    db, patched, pools, caplog, waiting_on, loop_end
+):
+    # The worker can never run again, and greenlet never frees it: its
+    # connection is closed (its statement killed) and its slot freed by the
+    # next checkout that has to wait.
+    pool = pools(db, max_size=1, timeout=3)
+    ids = []
+
+    def holder():
+        with pool.connection() as conn, conn.cursor() as cur:
+            ids.append(conn.thread_id())
+            if waiting_on == "a sleep":
+                greenpatch.sleep(60)
+            else:
+                cur.execute("SELECT SLEEP(30)")
+
+    def thread():
+        loop = IOLoop(make_current=False)
+
+        async def main():
+            hub.start_worker(holder)
+            await asyncio.sleep(0.2)
+
+        loop.run_sync(main)
+        if loop_end == "closed":
+            loop.close(all_fds=False)
+
+    t = threading.Thread(target=thread, name="ended")
+    t.start()
+    t.join(10)
+    assert ids
+    t0 = time.monotonic()
+    assert scalar_from(pool, "SELECT 1") == 1  # from this thread, blocking
+    assert time.monotonic() - t0 < 1.0  # not a PoolTimeout after 3 s
+    assert "worker whose thread (ended) ended before it was checked in" in caplog.text
+    admin = pymysql.connect(**db)
+    try:
+        wait_until(lambda: ids[0] not in server_threads(admin))
+    finally:
+        admin.close()
+    s = pool.stats()
+    assert (s["size"], s["in_use"], s["discards"]) == (1, 0, {"holder_thread_ended": 1})
+    if waiting_on == "its query":
+        wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
+
+
+def test_a_connection_held_in_a_live_thread_is_left_alone(db, patched, pools):
+    pool = pools(db, max_size=1, timeout=0.3)
+    done = threading.Event()
+
+    def holder():
+        with pool.connection():
+            while not done.is_set():
+                greenpatch.sleep(0.01)
+
+    def thread():
+        loop = IOLoop(make_current=False)
+        loop.run_sync(lambda: greenpatch.spawn(holder))
+        loop.close(all_fds=False)
+
+    t = threading.Thread(target=thread)
+    t.start()
+    try:
+        wait_until(lambda: pool.stats()["in_use"] == 1)
+        with pytest.raises(PoolTimeout):
+            pool.checkout()
+    finally:
+        done.set()
+        t.join(10)
+    s = pool.stats()
+    assert (s["in_use"], s["checkins"], s["discards"]) == (0, 1, {})
+
+
+def test_a_connection_granted_to_a_waiter_not_yet_running_is_not_its_last_holders(db, patched, pools):
+    # A worker in another thread checks its connection in to a waiter here
+    # and its thread ends before the waiter runs: the connection is the
+    # waiter's now, not a dead thread's.
+    pool = pools(db, max_size=1, timeout=5)
+    checked_out = threading.Event()
+
+    def other_thread():
+        loop = IOLoop(make_current=False)
+
+        def hold():
+            conn = pool.checkout()
+            checked_out.set()
+            greenpatch.sleep(0.2)  # meanwhile the waiter here queues
+            pool.checkin(conn)
+
+        loop.run_sync(lambda: greenpatch.spawn(hold))
+        loop.close(all_fds=False)
+
+    async def main():
+        t = threading.Thread(target=other_thread)
+        t.start()
+        await until(checked_out.is_set)
+        waiter = greenpatch.spawn(scalar_from, pool, "SELECT 9")
+        await until(lambda: pool.stats()["waiting"] == 1)
+        t.join(10)  # blocks this loop: the waiter is granted the connection but cannot run yet
+        s = pool.stats()
+        assert (s["in_use"], s["waiting"], s["discards"]) == (1, 0, {})
+        return await waiter
+
+    assert run_loop(main) == 9
+    assert pool.stats()["discards"] == {}
+
+
+def test_a_dropped_connection_is_reported_with_its_checkout_stack(db, pools, caplog):
+    pool = pools(db, max_size=1, leak_threshold=60)
+
+    def forgetful_caller():
+        pool.checkout()  # and never checked in
+
+    forgetful_caller()
+    assert pool.stats()["discards"] == {"not_checked_in": 1}
+    assert "it was checked out at:" in caplog.text
+    assert "in forgetful_caller" in caplog.text
