@@ -43,6 +43,7 @@ there were no reuse. A greenlet whose worker was killed is not reused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import itertools
@@ -69,6 +70,7 @@ __all__ = [
     "current_worker",
     "green",
     "is_worker",
+    "reap_closed_loops",
     "remove_exit_hook",
     "sleep",
     "spawn",
@@ -245,6 +247,26 @@ class Worker:
         """True once the function has returned or raised, or the worker was killed."""
         return self._done
 
+    @property
+    def pending(self) -> bool:
+        """True until the worker starts (or is cancelled before it does)."""
+        return self._greenlet is None and not self._done
+
+    def take_back_if_stranded(self) -> tuple[Callable[..., Any], tuple, dict[str, Any]] | None:
+        """``(fn, args, kwargs)`` of a worker that never started and never will,
+        its loop closed meanwhile, for the caller to run some other way; the
+        worker is then dead. None for any other worker.
+        """
+        if not self.pending or not self.loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+            return None
+        call = (self.fn, self.args or (), self.kwargs or {})
+        self.fn = self.args = self.kwargs = None
+        self._done = True
+        if not self.future.done():
+            with contextlib.suppress(RuntimeError):  # its callbacks cannot be scheduled any more
+                self.future.cancel()
+        return call  # type: ignore[return-value]
+
     # -- lifecycle ---------------------------------------------------------
 
     def _start(self, by_loop: bool = False) -> None:
@@ -340,6 +362,18 @@ def _reap_closed_loops(running: dict[asyncio.AbstractEventLoop, set[Worker]]) ->
             )
         for worker in workers:
             worker.kill()
+
+
+def reap_closed_loops() -> None:
+    """Kill now the workers this thread left parked on IOLoops closed since.
+
+    Otherwise that happens when the thread next starts a worker on another
+    loop. Only workers whose hub is the calling greenlet (normally the
+    thread's main greenlet) can be killed: call it outside workers.
+    """
+    running = _carriers.running
+    if running:
+        _reap_closed_loops(running)
 
 
 def _settle(method: Callable[..., Any], *args: Any) -> None:

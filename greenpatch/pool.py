@@ -28,7 +28,10 @@ What a pool guarantees:
   checked in (its holder dropped it) frees its slot, with a warning. A
   worker parked when its thread ends can never run again, and greenlet
   never frees it: the connections it holds are closed and their slots freed
-  by the next `checkout` that has to wait (or `stats`), with a warning;
+  by the next `checkout` that has to wait (or `stats`), with a warning.
+  That call also kills its own thread's workers left parked on a closed
+  loop (so that they give back what they hold), and runs in a thread a
+  recovery or a ``KILL`` that was scheduled on a loop closed before it ran;
 * a connection whose holder was killed while it waited for a reply (a
   client that went away) is *recovered* when the ops can
   (`ConnectionOps.recoverable`): the reply is read to its end within
@@ -90,9 +93,11 @@ _COM_RESET_CONNECTION = 0x1F
 # pymysql.constants.ER.NO_SUCH_THREAD ("Unknown thread id")
 _ER_NO_SUCH_THREAD = 1094
 
-#: At most how often a `Pool.checkout` that has to wait looks for connections
-#: held by workers whose thread has ended (`Pool.stats` always looks).
-THREADS_CHECK_INTERVAL = 1.0
+#: At most how often a `Pool.checkout` that has to wait looks for what nobody
+#: will hand back (`Pool.stats` always looks): connections held by workers
+#: whose thread has ended, recoveries and cancellers whose loop was closed
+#: before they started.
+LOST_CHECK_INTERVAL = 1.0
 
 #: Seconds the pool waits before it KILLs the statement of a connection cut
 #: mid-query (it lets short statements end by themselves); also how long it
@@ -414,6 +419,7 @@ def _drain_reply(conn: Any, deadline: float) -> None:
 # What a waiter can be granted besides a connection record.
 _CONNECT = object()  # a reserved slot: the waiter opens the connection itself
 _CLOSED = object()  # the pool was closed while it waited
+_GONE = object()  # it could not be woken (its loop was closed): it gets nothing
 
 _IDLE = "idle"
 _IN_USE = "in_use"  # held by a caller, or granted to a waiter not yet running
@@ -686,7 +692,8 @@ class Pool:
         self._connecting = 0  # reserved slots: connects in progress or granted to a waiter
         self._orphans: set[int] = set()  # id() of a parent process's connections
         self._collected: list[_Record] = []  # lent connections garbage-collected (see _reclaim_locked)
-        self._threads_checked = 0.0  # when _reclaim_from_ended_threads last looked
+        self._internal: list[hub.Worker] = []  # recoveries and cancellers not started yet
+        self._lost_checked = 0.0  # when _look_for_lost last looked
         self._connects = 0
         self._connect_errors = 0
         self._checkouts = 0
@@ -756,8 +763,8 @@ class Pool:
         self._log_leaks(leaks)
         self._close_all(to_close)
         if waiter is not None:
-            if start - self._threads_checked >= THREADS_CHECK_INTERVAL:
-                self._reclaim_from_ended_threads(start)
+            if start - self._lost_checked >= LOST_CHECK_INTERVAL:
+                self._look_for_lost(start)
             grant = self._wait_for(waiter, timeout)
         return self._claim(grant)
 
@@ -875,9 +882,13 @@ class Pool:
         connections, or its connections are held for longer than their
         queries take: with Django, from the request's first query to the
         end of its response.
+
+        Like a `checkout` that has to wait, it first looks for what nobody
+        will hand back (see the module's notes): it may kill workers of the
+        calling thread left parked on a closed loop.
         """
         self._check_fork()
-        self._reclaim_from_ended_threads(time.monotonic())
+        self._look_for_lost(time.monotonic())
         leaks: list[str] = []
         with self._lock:
             if self._collected:
@@ -1012,7 +1023,7 @@ class Pool:
             elif grant is _CONNECT:
                 self._connecting -= 1
                 self._dispatch_locked()
-            elif grant is not _CLOSED:
+            elif isinstance(grant, _Record):
                 self._return_idle_locked(grant)
                 self._dispatch_locked()
 
@@ -1217,7 +1228,7 @@ class Pool:
                 elif pool._pid == pid:
                     pool._recovered(rec, ok, reason)
 
-        hub.start_worker(recover)
+        self._start_internal(recover)
         return True
 
     def _recovered(self, rec: _Record, ok: bool, reason: str | None) -> None:
@@ -1240,18 +1251,10 @@ class Pool:
         # alive by a canceller whose loop stopped before it could run.
         ref = weakref.ref(self)
         pid = self._pid
+        thread_name = f"greenpatch-cancel-{self.name}"
 
-        def cancel() -> None:
+        def send() -> None:
             try:
-                # Most cut statements are short and end by themselves within
-                # the grace; their sessions then see the closed socket and go.
-                # KILLing them anyway is not free: a burst of KILLs was seen to
-                # stall other sessions' SLEEP() on MariaDB for 2 s.
-                if grace > 0:
-                    if hub.is_worker():
-                        hub.sleep(grace)
-                    else:
-                        time.sleep(grace)
                 pool = ref()
                 if pool is not None:
                     pool._send_cancel(work)
@@ -1262,6 +1265,24 @@ class Pool:
                         if pool._pid == pid:
                             pool._cancelling -= 1
 
+        def cancel() -> None:
+            # Most cut statements are short and end by themselves within the
+            # grace; their sessions then see the closed socket and go.
+            # KILLing them anyway is not free: a burst of KILLs was seen to
+            # stall other sessions' SLEEP() on MariaDB for 2 s.
+            if grace > 0:
+                if not hub.is_worker():
+                    time.sleep(grace)
+                else:
+                    try:
+                        hub.sleep(grace)
+                    except BaseException:
+                        # Killed: its loop was closed meanwhile. The KILL is
+                        # still due: a thread sends it.
+                        threading.Thread(target=send, name=thread_name, daemon=True).start()
+                        raise
+            send()
+
         # Not in the caller, which may be a worker being killed. A worker's
         # connection is cancelled from a new worker on the same loop: a thread
         # would fight the busy loop thread for the GIL at every step of its
@@ -1270,9 +1291,39 @@ class Pool:
         # short-lived thread with a blocking connection.
         worker = hub.current_worker()
         if worker is not None and not worker.loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
-            hub.start_worker(cancel)  # so its loop runs: the new worker starts on its next turn
+            self._start_internal(cancel)  # so its loop runs: the new worker starts on its next turn
             return
-        threading.Thread(target=cancel, name=f"greenpatch-cancel-{self.name}", daemon=True).start()
+        threading.Thread(target=cancel, name=thread_name, daemon=True).start()
+
+    def _start_internal(self, fn: Callable[[], None]) -> None:
+        # A recovery or a canceller, started from a worker: it runs on that
+        # worker's loop, on its next turn. Kept until it starts, in case the
+        # loop is closed before (see _run_stranded_workers).
+        worker = hub.start_worker(fn)
+        with self._lock:
+            self._internal = [w for w in self._internal if w.pending]
+            self._internal.append(worker)
+
+    def _run_stranded_workers(self) -> None:
+        # A recovery or canceller whose loop was closed before it started
+        # (a request killed in a loop's last turn) never runs there: it runs
+        # in a short-lived thread instead, with blocking sockets, as it
+        # would outside a worker. Else the recovering slot, or the cut
+        # statement, would be lost.
+        with self._lock:
+            internal, self._internal = self._internal, []
+            calls = []
+            for worker in internal:
+                call = worker.take_back_if_stranded()
+                if call is not None:
+                    calls.append(call)
+                elif worker.pending:
+                    self._internal.append(worker)
+        for fn, args, kwargs in calls:
+            log.debug("pool %r: running %r in a thread: its loop was closed before it started", self.name, fn)
+            threading.Thread(
+                target=fn, args=args, kwargs=kwargs, name=f"greenpatch-pool-{self.name}", daemon=True
+            ).start()
 
     def _send_cancel(self, work: Any) -> None:
         """Open a connection and cancel ``work`` with it; never raises `Exception`."""
@@ -1325,6 +1376,7 @@ class Pool:
             waiter = waiters.popleft()
             waiter.grant = grant
             if not self._notify_locked(waiter):
+                waiter.grant = _GONE  # were it killed later (see _abandon), it has nothing to give back
                 if grant is _CONNECT:
                     self._connecting -= 1
                 else:
@@ -1404,6 +1456,17 @@ class Pool:
             out.append(message)
         self._dispatch_locked()
 
+    def _look_for_lost(self, now: float) -> None:
+        # What nobody will ever hand back: workers of this thread parked on
+        # a closed loop (killed here, so that their exit code gives back what
+        # they hold), workers stranded on a closed loop before they started,
+        # connections of workers whose thread ended.
+        self._lost_checked = now
+        if not hub.is_worker():  # a worker starting on a new loop did it already
+            hub.reap_closed_loops()
+        self._run_stranded_workers()
+        self._reclaim_from_ended_threads(now)
+
     def _reclaim_from_ended_threads(self, now: float) -> None:
         # A worker parked on a loop whose thread has ended never runs again,
         # so it never checks its connections in; and greenlet never frees
@@ -1412,7 +1475,6 @@ class Pool:
         # those connections (cancelling a statement still running) and free
         # their slots. Only connections checked out inside a worker are
         # considered: those belong to their loop's thread.
-        self._threads_checked = now
         ended: list[_Record] = []
         messages: list[str] = []
         with self._lock:

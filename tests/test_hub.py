@@ -560,6 +560,47 @@ def test_workers_left_waiting_on_a_closed_loop_are_killed_when_the_thread_starts
     assert any("left waiting on a closed IOLoop" in r.getMessage() for r in caplog.records)
 
 
+def test_reap_closed_loops_kills_them_now_from_outside_a_worker():
+    ended = []
+
+    def stuck():
+        try:
+            greenpatch.sleep(60)
+        finally:
+            ended.append("finally")
+
+    worker = park_on_a_closed_loop(stuck)
+    assert not worker.dead
+    hub.reap_closed_loops()
+    assert ended == ["finally"] and worker.dead
+    hub.reap_closed_loops()  # nothing left: harmless
+
+
+def test_a_worker_stranded_on_a_closed_loop_before_it_started_can_be_taken_back():
+    # What start_worker does from inside a worker: the worker starts on the
+    # loop's next turn - here there is none.
+    ran = []
+    loop = IOLoop(make_current=False)
+    worker = hub.Worker(ran.append, ("child",), {}, loop)
+    loop.add_callback(worker._start, True)
+    assert worker.pending and worker.take_back_if_stranded() is None  # its loop may still run
+    loop.close(all_fds=False)
+    fn, args, kwargs = worker.take_back_if_stranded()
+    assert worker.dead and not worker.pending and worker.future.cancelled()
+    assert worker.take_back_if_stranded() is None  # once only
+    fn(*args, **kwargs)
+    assert ran == ["child"]
+
+    done = run_loop(lambda: _started_worker(lambda: None))
+    assert not done.pending and done.take_back_if_stranded() is None  # it ran
+
+
+async def _started_worker(fn):
+    worker = hub.start_worker(fn)  # from loop code: starts at once
+    await worker.future
+    return worker
+
+
 def test_a_killed_worker_whose_loop_is_closed_cannot_wait_again():
     # Its way out may want to wait (a rollback at checkin, a finally block):
     # that raises instead of parking it for good.

@@ -27,6 +27,7 @@ from greenpatch.pool import (
     PoolError,
     PoolTimeout,
     PoolTooManyWaiting,
+    PyMySQLOps,
     all_pools,
 )
 
@@ -1484,7 +1485,7 @@ def test_a_connection_held_by_a_worker_left_on_a_closed_loop_is_not_lost(db, pat
                 cur.execute("SELECT SLEEP(30)")
 
     park_on_a_closed_loop(holder, run_for=0.2)  # into its SLEEP
-    assert pool.stats()["in_use"] == 1
+    assert len(pool._records) == 1 and not pool._idle  # held (stats() would kill the worker now)
 
     def next_request():
         with pool.connection() as conn:
@@ -1677,3 +1678,97 @@ def test_a_dropped_connection_is_reported_with_its_checkout_stack(db, pools, cap
     assert pool.stats()["discards"] == {"not_checked_in": 1}
     assert "it was checked out at:" in caplog.text
     assert "in forgetful_caller" in caplog.text
+
+
+# -- recoveries and cancellers whose loop was closed ------------------------------------------
+
+
+@pytest.mark.parametrize("reply", ["within the grace", "too late"])
+@pytest.mark.parametrize("stranded", ["before it started", "while it waited"])
+def test_a_recovery_whose_loop_was_closed_is_not_lost(scratch_db, patched, monkeypatch, stranded, reply):
+    # A request killed in its loop's last turn: the recovery of its
+    # connection was scheduled on that loop, which then closed. A recovery
+    # that had not started runs in a thread instead; one parked on the
+    # closed loop is killed by the next checkout of this thread. Either way
+    # the slot comes back, and a statement still running is killed.
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 2.0 if reply == "within the grace" else 0.2)
+    seconds = 0.5 if reply == "within the grace" else 30
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    pool = Pool(lambda: pymysql.connect(**scratch_db), name="stranded", max_size=1, timeout=5)
+    held = []
+
+    def hold():
+        with pool.connection() as conn:
+            held.append(conn.thread_id())
+            scalar(conn, f"SELECT SLEEP({seconds})")
+
+    async def main():
+        fut = greenpatch.spawn(hold)
+        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
+        fut.cancel()
+        if stranded == "while it waited":
+            await asyncio.sleep(0.05)  # the recovery starts and waits for the reply
+
+    try:
+        run_loop(main)  # closes the loop
+        assert sum(w.pending for w in pool._internal) == (stranded == "before it started")
+        t0 = time.monotonic()
+        conn = pool.checkout()  # from this thread, outside a worker
+        waited = time.monotonic() - t0
+        thread_id = conn.thread_id()
+        pool.checkin(conn)
+        wait_until(lambda: pool.stats()["cancelling"] == 0)
+        s = pool.stats()
+        gone = held[0] not in server_threads(admin)
+    finally:
+        pool.close()
+        admin.close()
+    assert (s["size"], s["in_use"], s["recovering"]) == (1, 0, 0)
+    if stranded == "before it started" and reply == "within the grace":
+        assert waited < 1.5  # the reply came after SLEEP(0.5)
+        assert thread_id == held[0]
+        assert (s["recoveries"], s["discards"], s["cancels"]) == (1, {}, 0)
+    else:
+        assert waited < 1.0
+        assert thread_id != held[0] and gone
+        assert (s["recoveries"], s["discards"]) == (0, {"interrupted": 1})
+        if reply == "too late":
+            assert s["cancels"] == 1
+
+
+class _NoRecovery(PyMySQLOps):
+    def recoverable(self, conn):
+        return False
+
+
+@pytest.mark.parametrize("stranded", ["before it started", "during its grace"])
+def test_a_canceller_whose_loop_was_closed_still_kills_the_statement(scratch_db, patched, stranded):
+    # A request killed mid-statement in its loop's last turn: the KILL of
+    # that statement was scheduled on the loop, which then closed.
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    pool = Pool(lambda: pymysql.connect(**scratch_db), name="stranded-cancel", max_size=1, ops=_NoRecovery())
+    held = []
+
+    def hold():
+        with pool.connection() as conn:
+            held.append(conn.thread_id())
+            scalar(conn, "SELECT SLEEP(30)")
+
+    async def main():
+        fut = greenpatch.spawn(hold)
+        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
+        fut.cancel()
+        if stranded == "during its grace":
+            await asyncio.sleep(0.02)
+
+    try:
+        run_loop(main)
+        assert sum(w.pending for w in pool._internal) == (stranded == "before it started")
+        assert pool.stats()["cancelling"] == 1  # stats() looks: the canceller goes on in a thread
+        wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
+        wait_until(lambda: held[0] not in server_threads(admin), timeout=3)
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert (s["size"], s["in_use"], s["discards"]) == (0, 0, {"interrupted": 1})
