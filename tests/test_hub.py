@@ -540,17 +540,17 @@ def test_the_idle_greenlets_of_a_thread_that_ended_are_freed():
 # -- workers left on a closed loop ---------------------------------------------------------
 
 
+def _stuck(ended: list) -> None:
+    try:
+        greenpatch.sleep(60)
+    finally:
+        ended.append("finally")
+
+
 def test_workers_left_waiting_on_a_closed_loop_are_killed_when_the_thread_starts_another(caplog):
     ended = []
-
-    def stuck():
-        try:
-            greenpatch.sleep(60)
-        finally:
-            ended.append("finally")
-
     before = hub.stats()["running"]
-    worker = park_on_a_closed_loop(stuck)
+    worker = park_on_a_closed_loop(lambda: _stuck(ended))
     assert hub.stats()["running"] == before + 1 and ended == []  # nothing could resume it
     caplog.set_level(logging.WARNING, logger="greenpatch.hub")
     assert run_green(lambda: 42) == 42  # a worker of another loop of this thread
@@ -562,14 +562,7 @@ def test_workers_left_waiting_on_a_closed_loop_are_killed_when_the_thread_starts
 
 def test_reap_closed_loops_kills_them_now_from_outside_a_worker():
     ended = []
-
-    def stuck():
-        try:
-            greenpatch.sleep(60)
-        finally:
-            ended.append("finally")
-
-    worker = park_on_a_closed_loop(stuck)
+    worker = park_on_a_closed_loop(lambda: _stuck(ended))
     assert not worker.dead
     hub.reap_closed_loops()
     assert ended == ["finally"] and worker.dead

@@ -930,6 +930,21 @@ def test_a_canceller_that_never_runs_does_not_keep_its_pool_alive(scratch_db, pa
 RUNNING_SLEEP = "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = %s AND INFO LIKE 'SELECT SLEEP%%'"
 
 
+async def cancel_in_sleep(pool, admin, seconds: float, held: list) -> asyncio.Future:
+    """Spawn a worker that holds a connection of ``pool`` in ``SELECT SLEEP(seconds)``
+    (its server thread id goes to ``held``) and cancel it once the server runs it."""
+
+    def hold():
+        with pool.connection() as conn:
+            held.append(conn.thread_id())
+            scalar(conn, f"SELECT SLEEP({seconds})")
+
+    fut = greenpatch.spawn(hold)
+    await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
+    fut.cancel()
+    return fut
+
+
 def kill_during_sleep(pool, admin, job):
     """Run ``job(conn, thread_ids)`` in a worker holding a connection of ``pool``,
     kill the worker once the connection runs a SLEEP, then check a connection
@@ -1032,15 +1047,8 @@ def test_recovery_is_given_up_after_the_grace_and_the_statement_killed(scratch_d
     pool = Pool(lambda: pymysql.connect(**scratch_db), name="recover-late", max_size=1)
     held = []
 
-    def hold():
-        with pool.connection() as conn:
-            held.append(conn.thread_id())
-            scalar(conn, "SELECT SLEEP(30)")
-
     async def main():
-        fut = greenpatch.spawn(hold)
-        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
-        fut.cancel()
+        await cancel_in_sleep(pool, admin, 30, held)
         # While the reply is awaited the slot stays taken (in_use, recovering).
         await until(lambda: pool.stats()["recovering"] == 1)
         started, during = time.monotonic(), pool.stats()
@@ -1697,15 +1705,8 @@ def test_a_recovery_whose_loop_was_closed_is_not_lost(scratch_db, patched, monke
     pool = Pool(lambda: pymysql.connect(**scratch_db), name="stranded", max_size=1, timeout=5)
     held = []
 
-    def hold():
-        with pool.connection() as conn:
-            held.append(conn.thread_id())
-            scalar(conn, f"SELECT SLEEP({seconds})")
-
     async def main():
-        fut = greenpatch.spawn(hold)
-        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
-        fut.cancel()
+        await cancel_in_sleep(pool, admin, seconds, held)
         if stranded == "while it waited":
             await asyncio.sleep(0.05)  # the recovery starts and waits for the reply
 
@@ -1749,15 +1750,8 @@ def test_a_canceller_whose_loop_was_closed_still_kills_the_statement(scratch_db,
     pool = Pool(lambda: pymysql.connect(**scratch_db), name="stranded-cancel", max_size=1, ops=_NoRecovery())
     held = []
 
-    def hold():
-        with pool.connection() as conn:
-            held.append(conn.thread_id())
-            scalar(conn, "SELECT SLEEP(30)")
-
     async def main():
-        fut = greenpatch.spawn(hold)
-        await until(lambda: held and _rows(admin, RUNNING_SLEEP, (held[0],)))
-        fut.cancel()
+        await cancel_in_sleep(pool, admin, 30, held)
         if stranded == "during its grace":
             await asyncio.sleep(0.02)
 
