@@ -24,7 +24,9 @@ Rules that keep this correct:
   switches back at its first wait: that code has more to do;
 * a loop closed with workers still parked on it can never resume them:
   they are killed when a worker of another loop next starts in the same
-  thread, and a wait on a closed loop raises.
+  thread, or by `reap_closed_loops` (which the pool calls outside workers),
+  and a wait on a closed loop raises. A worker that had not started yet
+  never will: `Worker.take_back_if_stranded` hands its call back.
 
 A `Worker` is one function call; the greenlet it runs in, a
 `WorkerGreenlet`, is reused. Creating a greenlet is not cheap: each new one
