@@ -480,6 +480,11 @@ class _Record:
         self.lent = None  # a dropped weak reference never calls back
 
 
+def _checked_out_at(rec: _Record) -> str:
+    # Where a leaked connection was checked out, for a warning (leak_threshold set).
+    return "" if rec.stack is None else f"; it was checked out at:\n{rec.stack}"
+
+
 class _Lent(weakref.ref):
     """The pool's weak reference to a checked-out connection."""
 
@@ -1431,7 +1436,7 @@ class Pool:
                 rec.leak_logged = True
                 out.append(
                     f"pool {self.name!r}: connection {rec.current()!r} held for {held:.1f} s "
-                    f"(leak_threshold={threshold:g} s); it was checked out at:\n{rec.stack}"
+                    f"(leak_threshold={threshold:g} s){_checked_out_at(rec)}"
                 )
 
     def _reclaim_locked(self, out: list[str]) -> None:
@@ -1446,14 +1451,11 @@ class Pool:
                 continue
             self._count_held_locked(rec, now)
             self._forget_locked(rec, "not_checked_in")
-            message = (
+            out.append(
                 f"pool {self.name!r}: a connection checked out {now - rec.checked_out:.1f} s ago was "
                 "garbage-collected without being checked in (its holder dropped it, or its thread "
-                "ended while it was held); its slot is free again"
+                f"ended while it was held); its slot is free again{_checked_out_at(rec)}"
             )
-            if rec.stack is not None:
-                message += f"; it was checked out at:\n{rec.stack}"
-            out.append(message)
         self._dispatch_locked()
 
     def _look_for_lost(self, now: float) -> None:
@@ -1498,7 +1500,7 @@ class Pool:
                     f"pool {self.name!r}: closing a connection checked out "
                     f"{now - rec.checked_out:.1f} s ago by a worker whose thread "
                     f"({thread.name}) ended before it was checked in; its slot is free again"
-                    + (f"; it was checked out at:\n{rec.stack}" if rec.stack is not None else "")
+                    f"{_checked_out_at(rec)}"
                 )
         self._log_leaks(messages)
         for rec in ended:

@@ -108,9 +108,8 @@ class GreenSocket:
         # object's own finalizer frees the fd number.
         d = self.__dict__
         if d.get("_sock") is not None or d.get("_held") is not None:
-            self._hold_on_close = False  # so close() closes an open socket or a held one
             with contextlib.suppress(Exception):
-                self.close()
+                self._close_for_good()
 
     def __repr__(self) -> str:
         if self._sock is not None:
@@ -248,8 +247,7 @@ class GreenSocket:
         """
         if self._reply_unread and (self._sock is not None or self._held is not None):
             self.cut = True
-        self._hold_on_close = False  # so close() closes an open socket or a held one
-        self.close()
+        self._close_for_good()
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> GreenSocket:
         """Upgrade to TLS in place (handshake cooperative in a worker); return self."""
@@ -280,6 +278,10 @@ class GreenSocket:
         if sock is None:
             raise OSError(errno.EBADF, "Bad file descriptor")
         return sock
+
+    def _close_for_good(self) -> None:
+        self._hold_on_close = False  # so close() closes an open socket or a held one
+        self.close()
 
     def _drop_watch(self) -> None:
         watch, self._watch = self._watch, None
