@@ -7,6 +7,10 @@
                         `greenpatch.monitor` warns (default 0.1; 0 disables).
 ``GREENPATCH_STATS_INTERVAL``  seconds between pool statistics log lines of
                         `serve()` / ``runserver`` (default: unset, no lines).
+``GREENPATCH_TURN_BUDGET``  seconds after its last wait on a database
+                        connection during which a worker reads a reply that
+                        is already there without waiting for a turn of its
+                        IOLoop (default 0: every reply waits for a turn).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "parse_bool",
     "parse_seconds",
     "stats_interval",
+    "turn_budget",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -103,3 +108,16 @@ def stats_interval(environ: Mapping[str, str] | None = None) -> float | None:
     if not raw.strip():
         return None
     return parse_seconds("GREENPATCH_STATS_INTERVAL", raw, "logs no statistics") or None
+
+
+#: Default of ``GREENPATCH_TURN_BUDGET``, in seconds.
+DEFAULT_TURN_BUDGET = 0.0
+
+
+def turn_budget(environ: Mapping[str, str] | None = None) -> float:
+    """``GREENPATCH_TURN_BUDGET`` in seconds (default 0: every reply waits for a turn)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("GREENPATCH_TURN_BUDGET", "")
+    if not raw.strip():
+        return DEFAULT_TURN_BUDGET
+    return parse_seconds("GREENPATCH_TURN_BUDGET", raw, "waits for a turn of the loop before every reply")

@@ -353,6 +353,206 @@ def test_a_reply_already_there_after_a_send_is_read_at_once_in_and_out_of_worker
             b.close()
 
 
+class CountingSocket(socket.socket):
+    """A socket that counts its reads that found nothing (EAGAIN)."""
+
+    empty_reads = 0
+
+    def recv_into(self, *args):
+        try:
+            return super().recv_into(*args)
+        except BlockingIOError:
+            self.empty_reads += 1
+            raise
+
+
+def counting_pair():
+    a, peer = socket.socketpair()
+    return CountingSocket(fileno=a.detach()), peer
+
+
+def run_ticking(fn, *args):
+    """Run ``fn(ticks, *args)`` in a worker while a loop callback counts the
+    loop's iterations in ``ticks[0]`` (it keeps one callback always queued)."""
+    ticks = [0]
+    done = False
+
+    def tick():
+        ticks[0] += 1
+        if not done:
+            asyncio.get_running_loop().call_soon(tick)
+
+    async def main():
+        nonlocal done
+        asyncio.get_running_loop().call_soon(tick)
+        try:
+            return await greenpatch.spawn(fn, ticks, *args)
+        finally:
+            done = True
+
+    return run_loop(main)
+
+
+def _exchanges(ticks, green, peer, n, between=None):
+    """``n`` request/reply exchanges whose reply is in the socket before the
+    request is sent; the loop iterations counted after each (``between(i)``
+    runs before exchange ``i``)."""
+    seen = []
+    for i in range(n):
+        if between is not None:
+            between(i)
+        peer.sendall(b"reply %d" % i)
+        green.sendall(b"request %d" % i)
+        buf = bytearray(16)
+        got = bytes(buf[: green.recv_into(buf)])
+        assert got == b"reply %d" % i and peer.recv(16) == b"request %d" % i
+        seen.append(ticks[0])
+    return seen
+
+
+def test_with_no_turn_budget_every_reply_waits_for_a_turn_of_the_loop(monkeypatch):
+    # GREENPATCH_TURN_BUDGET=0: a worker that sent a request waits for a turn
+    # of its loop before it reads the reply, even one already there, so the
+    # loop's other callbacks (other workers) run between its queries.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0")
+    a, peer = counting_pair()
+    green = GreenSocket(a)
+    try:
+        seen = run_ticking(_exchanges, green, peer, 5)
+    finally:
+        green.close()
+        peer.close()
+    assert seen == sorted(set(seen)), seen  # strictly increasing
+    assert a.empty_reads == 0
+
+
+def test_within_the_turn_budget_a_reply_already_there_is_read_without_a_turn(monkeypatch):
+    # After a wait, a worker reads the replies that are already there without
+    # a turn of the loop for GREENPATCH_TURN_BUDGET seconds; then it waits for
+    # a turn again, and reads first for the next budget.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0.2")
+    a, peer = counting_pair()
+    green = GreenSocket(a)
+
+    def between(i):
+        if i == 3:
+            time.sleep(0.25)  # the budget runs out (a blocking call: no turn)
+
+    try:
+        seen = run_ticking(_exchanges, green, peer, 6, between)
+    finally:
+        green.close()
+        peer.close()
+    # 0: first reply after a wait; 1, 2: read first; 3: waits; 4, 5: read first
+    assert seen[0] == seen[1] == seen[2] < seen[3] == seen[4] == seen[5], seen
+    assert a.empty_reads == 0
+
+
+def test_by_default_every_reply_waits_for_a_turn(monkeypatch):
+    monkeypatch.delenv("GREENPATCH_TURN_BUDGET", raising=False)
+    a, peer = counting_pair()
+    green = GreenSocket(a)
+    try:
+        seen = run_ticking(_exchanges, green, peer, 3)
+    finally:
+        green.close()
+        peer.close()
+    assert seen == sorted(set(seen)), seen  # strictly increasing
+
+
+def _late_reply(ticks, green, peer):
+    # One exchange to start the budget, then one whose reply comes later.
+    out = []
+    for reply_later in (False, True):
+        green.sendall(b"request")
+        if reply_later:
+            threading.Timer(0.05, peer.sendall, (b"late reply",)).start()
+        else:
+            peer.sendall(b"reply")
+        buf = bytearray(16)
+        t0 = time.monotonic()
+        out.append((bytes(buf[: green.recv_into(buf)]), time.monotonic() - t0, green._turn_began))
+        assert peer.recv(16) == b"request"
+    return out
+
+
+def test_a_reply_read_first_that_is_not_there_yet_is_waited_for(monkeypatch):
+    # Reading first finds nothing (EAGAIN): the worker waits for the reply as
+    # usual, and that wait starts a new budget.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "10")
+    a, peer = counting_pair()
+    green = GreenSocket(a)
+    try:
+        (first, _, began), (second, waited, began_again) = run_ticking(_late_reply, green, peer)
+    finally:
+        green.close()
+        peer.close()
+    assert (first, second) == (b"reply", b"late reply")
+    assert waited >= 0.04 and began_again > began
+    assert a.empty_reads == 1
+
+
+def test_with_nothing_else_queued_on_the_loop_a_worker_does_not_read_first(monkeypatch):
+    # Nobody else waits for a turn: the worker waits in place until the reply
+    # is there (no read that fails with EAGAIN), within the budget or not.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "10")
+    a, peer = counting_pair()
+    green = GreenSocket(a)
+    try:
+        (first, _, _), (second, waited, _) = run_green(_late_reply, [0], green, peer)
+    finally:
+        green.close()
+        peer.close()
+    assert (first, second) == (b"reply", b"late reply") and waited >= 0.04
+    assert a.empty_reads == 0
+
+
+@pytest.mark.parametrize("turn_budget", ["0", "0.001", "10"])
+def test_workers_each_get_their_own_replies_with_any_turn_budget(db, patched, monkeypatch, turn_budget):
+    # Many workers on one loop, each on its own connection, queries of
+    # results large and small: whether a worker reads first or waits first,
+    # every reply goes to the worker that asked for it, and a reply larger
+    # than what one read takes is read whole.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", turn_budget)
+
+    def asker(n):
+        conn = pymysql.connect(**db)
+        try:
+            assert isinstance(conn._sock, GreenSocket)
+            got = []
+            with conn.cursor() as cur:
+                for i in range(25):
+                    size = 100_000 if i % 5 == 0 else 10
+                    cur.execute("SELECT %s, %s, REPEAT('x', %s)", (n, i, size))
+                    a, b, text = cur.fetchone()
+                    got.append((a, b, len(text)))
+            return got
+        finally:
+            conn.close()
+
+    async def main():
+        return await asyncio.gather(*(greenpatch.spawn(asker, n) for n in range(8)))
+
+    results = run_loop(main)
+    assert results == [[(n, i, 100_000 if i % 5 == 0 else 10) for i in range(25)] for n in range(8)]
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
+def test_a_bad_turn_budget_is_refused_at_patch_all_naming_the_setting(monkeypatch, value):
+    from greenpatch import config
+    from greenpatch.config import ConfigError
+
+    assert config.turn_budget({}) == config.DEFAULT_TURN_BUDGET
+    assert config.turn_budget({"GREENPATCH_TURN_BUDGET": "0"}) == 0.0
+    assert config.turn_budget({"GREENPATCH_TURN_BUDGET": " 0.001 "}) == 0.001
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", value)
+    before = greenpatch.patched()
+    with pytest.raises(ConfigError) as info:
+        greenpatch.patch_all()
+    assert str(info.value).startswith(f"GREENPATCH_TURN_BUDGET={value!r} is not accepted; accepted values:")
+    assert greenpatch.patched() == before  # refused before patching anything
+
+
 def test_blocking_fallback_waits_on_fds_above_1024():
     # A server process has more than 1024 fds open: select() cannot take
     # them (ValueError), so the blocking fallback must not use it.

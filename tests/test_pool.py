@@ -982,14 +982,19 @@ def kill_during_sleep(pool, admin, job):
     ],
     ids=["one result", "several results", "error reply"],
 )
-def test_a_connection_killed_while_its_reply_is_due_is_recovered(scratch_db, patched, sql, monkeypatch):
+@pytest.mark.parametrize("turn_budget", ["0", "10"])
+def test_a_connection_killed_while_its_reply_is_due_is_recovered(
+    scratch_db, patched, sql, turn_budget, monkeypatch
+):
     # A client went away mid-request: the worker is killed while it waits for
     # the reply to a whole statement. The pool reads that reply to its end and
     # hands the same connection out again: no reconnect, no KILL. (A grace
-    # longer than the statement, so that a slow machine passes too.)
+    # longer than the statement, so that a slow machine passes too.) With a
+    # turn budget the worker read first, found nothing and waited: the same.
     from pymysql.constants import CLIENT
 
     monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 2.0)
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", turn_budget)
 
     admin = pymysql.connect(**scratch_db, autocommit=True)
     pool = Pool(

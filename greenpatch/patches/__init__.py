@@ -99,6 +99,7 @@ def patch_all(**flags: bool) -> list[str]:
         log.info("GREENPATCH=0: greenpatch.patch_all() patches nothing")
         return []
     skip = config.disabled_patches(PATCHES)
+    config.turn_budget()  # a bad value fails here, not at the first connection
     names = [n for n in PATCHES if flags.get(n, True) and n not in skip]
     for name in names:
         patch(name)
