@@ -71,6 +71,7 @@ class Config:
     conn_max_age: int = 0
     kind: str = "greenpatch"  # greenpatch | runserver | gthread | gevent
     greenpatch: bool = False
+    settings: tuple[tuple[str, str], ...] = ()  # greenpatch settings (environment) of its own
 
     @property
     def database(self) -> str:
@@ -132,12 +133,22 @@ class Config:
         )
         if not self.greenpatch:
             env["GREENPATCH"] = "0"
+        env.update(self.settings)
         return env
 
 
 CONFIGS = [
     Config("gp1", "greenpatch, 1 process, pool 40", 1, "greenpatch", pool=40, greenpatch=True),
     Config("gp2", "greenpatch, 2 processes x pool 20", 2, "greenpatch", pool=20, greenpatch=True),
+    Config(
+        "gp2-rf",
+        "gp2 reading replies first: GREENPATCH_TURN_BUDGET=10",
+        2,
+        "greenpatch",
+        pool=20,
+        greenpatch=True,
+        settings=(("GREENPATCH_TURN_BUDGET", "10"),),
+    ),
     Config(
         "gthread",
         "gunicorn gthread 2x16, PyMySQL, CONN_MAX_AGE=60",
@@ -736,6 +747,16 @@ def targets(run: Run) -> list[Target]:
                         what, f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})", ours >= need * theirs
                     )
                 )
+    for s in ("queries", "updates"):  # what the turn budget trades tail latency for
+        ours, theirs = rps("gp2-rf", s), rps("gevent", s)
+        what = f"gp2-rf {SCENARIO_BY_NAME[s].path} >= 1x gevent (GREENPATCH_TURN_BUDGET=10)"
+        if ours is None or theirs is None:
+            out.append(Target(what, "not measured", None))
+        else:
+            p99, peer_p99 = median(run, "gp2-rf", s, "p99_ms"), median(run, "gevent", s, "p99_ms")
+            measured = f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})"
+            measured += f", p99 {p99:,.0f} vs {peer_p99:,.0f} ms"
+            out.append(Target(what, measured, ours >= theirs))
     for kind, label in (("select1", "SELECT 1"), ("pk", "primary-key select")):
         f = run.overhead.get("figures", {}).get(kind)
         if f:
