@@ -92,22 +92,24 @@ def parse_seconds(name: str, value: str, zero_means: str) -> float:
     return seconds
 
 
+def _seconds_setting(name: str, environ: Mapping[str, str] | None, default: float, zero_means: str) -> float:
+    # ``name`` from ``environ`` (default: os.environ); ``default`` when unset or blank.
+    raw = (os.environ if environ is None else environ).get(name, "")
+    if not raw.strip():
+        return default
+    return parse_seconds(name, raw, zero_means)
+
+
 def blocking_threshold(environ: Mapping[str, str] | None = None) -> float:
     """``GREENPATCH_BLOCKING_THRESHOLD`` in seconds (default 0.1); 0 means disabled."""
-    env = os.environ if environ is None else environ
-    raw = env.get("GREENPATCH_BLOCKING_THRESHOLD", "")
-    if not raw.strip():
-        return DEFAULT_BLOCKING_THRESHOLD
-    return parse_seconds("GREENPATCH_BLOCKING_THRESHOLD", raw, "disables the blocking detector")
+    return _seconds_setting(
+        "GREENPATCH_BLOCKING_THRESHOLD", environ, DEFAULT_BLOCKING_THRESHOLD, "disables the blocking detector"
+    )
 
 
 def stats_interval(environ: Mapping[str, str] | None = None) -> float | None:
     """``GREENPATCH_STATS_INTERVAL`` in seconds, or None when unset or 0 (no stats lines)."""
-    env = os.environ if environ is None else environ
-    raw = env.get("GREENPATCH_STATS_INTERVAL", "")
-    if not raw.strip():
-        return None
-    return parse_seconds("GREENPATCH_STATS_INTERVAL", raw, "logs no statistics") or None
+    return _seconds_setting("GREENPATCH_STATS_INTERVAL", environ, 0.0, "logs no statistics") or None
 
 
 #: Default of ``GREENPATCH_TURN_BUDGET``, in seconds.
@@ -116,8 +118,5 @@ DEFAULT_TURN_BUDGET = 0.0
 
 def turn_budget(environ: Mapping[str, str] | None = None) -> float:
     """``GREENPATCH_TURN_BUDGET`` in seconds (default 0: every reply waits for a turn)."""
-    env = os.environ if environ is None else environ
-    raw = env.get("GREENPATCH_TURN_BUDGET", "")
-    if not raw.strip():
-        return DEFAULT_TURN_BUDGET
-    return parse_seconds("GREENPATCH_TURN_BUDGET", raw, "waits for a turn of the loop before every reply")
+    zero_means = "waits for a turn of the loop before every reply"
+    return _seconds_setting("GREENPATCH_TURN_BUDGET", environ, DEFAULT_TURN_BUDGET, zero_means)

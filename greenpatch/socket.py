@@ -193,7 +193,7 @@ class GreenSocket:
         sock = self._open()
         if self._awaiting_reply:
             self._awaiting_reply = False
-            if not self._may_read_first():
+            if not (self._turn_budget and self._may_read_first()):
                 self._wait(sock, write=False)
                 if self._turn_budget:
                     self._turn_began = _monotonic()
@@ -223,9 +223,9 @@ class GreenSocket:
         # for a turn of the loop first: inside a worker, within the turn
         # budget, and only while other callbacks are queued on its loop -
         # with none, the wait returns in place as soon as the reply is
-        # there, which spares a read that fails with EAGAIN.
-        budget = self._turn_budget
-        if not budget or _monotonic() - self._turn_began >= budget:
+        # there, which spares a read that fails with EAGAIN. Only called with
+        # a turn budget.
+        if _monotonic() - self._turn_began >= self._turn_budget:
             return False
         carrier = _getcurrent()
         if not isinstance(carrier, _WorkerGreenlet):
