@@ -829,6 +829,21 @@ def current_worker() -> Worker | None:
     return cur.worker if isinstance(cur, WorkerGreenlet) else None
 
 
+def others_queued() -> bool:
+    """True inside a worker whose loop has other callbacks queued to run
+    (other work waits for a turn); False outside workers.
+
+    Reads asyncio's event loop internals; on any other loop, True.
+    """
+    cur = getcurrent()
+    if not isinstance(cur, WorkerGreenlet):
+        return False
+    try:
+        return bool(cur.worker.loop.asyncio_loop._ready)  # type: ignore[union-attr]
+    except AttributeError:
+        return True
+
+
 def is_worker() -> bool:
     """True when called inside a greenpatch worker."""
     return isinstance(getcurrent(), WorkerGreenlet)

@@ -195,15 +195,11 @@ class GreenSocket:
             self._awaiting_reply = False
             if not (self._turn_budget and self._may_read_first()):
                 self._wait(sock, write=False)
-                if self._turn_budget:
-                    self._turn_began = _monotonic()
         while True:
             try:
                 n = sock.recv_into(buffer, nbytes)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(sock, write=False)
-                if self._turn_budget:
-                    self._turn_began = _monotonic()
             except ssl.SSLWantWriteError:
                 self._wait(sock, write=True)
             except InterruptedError:
@@ -225,15 +221,7 @@ class GreenSocket:
         # with none, the wait returns in place as soon as the reply is
         # there, which spares a read that fails with EAGAIN. Only called with
         # a turn budget.
-        if _monotonic() - self._turn_began >= self._turn_budget:
-            return False
-        carrier = _getcurrent()
-        if not isinstance(carrier, _WorkerGreenlet):
-            return False
-        try:
-            return bool(carrier.worker.loop.asyncio_loop._ready)  # type: ignore[union-attr]
-        except AttributeError:  # not asyncio's own event loop
-            return True
+        return _monotonic() - self._turn_began < self._turn_budget and hub.others_queued()
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._open()
@@ -370,6 +358,9 @@ class GreenSocket:
             else:
                 self.close()
             raise
+        else:
+            if self._turn_budget:  # a wait is a turn: the budget starts again
+                self._turn_began = _monotonic()
 
 
 # -- connecting --------------------------------------------------------------
