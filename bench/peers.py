@@ -641,6 +641,34 @@ def median(run: Run, config: str, scenario: str, attr: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def round_ratios(run: Run, ours: str, theirs: str, scenario: str) -> list[float]:
+    """req/s of ``ours`` over ``theirs`` in each round that measured both.
+
+    Configurations run one after the other within a round, so a ratio of
+    one round compares two measurements a few seconds apart: how far these
+    spread says how close a call the ratio of medians is.
+    """
+    by_round: dict[int, dict[str, float]] = {}
+    for r in run.results:
+        if r.scenario == scenario and r.config in (ours, theirs) and r.rps:
+            by_round.setdefault(r.round, {})[r.config] = r.rps
+    return [v[ours] / v[theirs] for _, v in sorted(by_round.items()) if len(v) == 2]
+
+
+def ratio_text(run: Run, ours: str, theirs: str, scenario: str, need: float) -> tuple[str, bool] | None:
+    """A target's "measured" cell for a req/s ratio, and whether it is met
+    (on the ratio of the medians); None when either was not measured."""
+    a, b = median(run, ours, scenario, "rps"), median(run, theirs, scenario, "rps")
+    if a is None or b is None:
+        return None
+    text = f"{a / b:.2f}x ({a:,.0f} vs {b:,.0f})"
+    per_round = round_ratios(run, ours, theirs, scenario)
+    if len(per_round) > 1:
+        met = sum(r >= need for r in per_round)
+        text += f"; rounds {min(per_round):.2f}-{max(per_round):.2f}x, {met} of {len(per_round)} >= {need:g}x"
+    return text, a >= need * b
+
+
 def total_errors(run: Run, config: str, scenario: str) -> int:
     return sum(r.errors for r in run.results if r.config == config and r.scenario == scenario)
 
@@ -735,28 +763,18 @@ def targets(run: Run) -> list[Target]:
                 )
             )
     for s, factor in (("plain", 1.2), ("db", 1.2), ("queries", 1.0), ("updates", 1.0)):
-        ours = rps("gp2", s)
         for peer, need in (("gthread", factor), ("gevent", 1.0)):
-            theirs = rps(peer, s)
             what = f"gp2 {SCENARIO_BY_NAME[s].path} >= {need:g}x {peer}"
-            if ours is None or theirs is None:
-                out.append(Target(what, "not measured", None))
-            else:
-                out.append(
-                    Target(
-                        what, f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})", ours >= need * theirs
-                    )
-                )
+            judged = ratio_text(run, "gp2", peer, s, need)
+            out.append(Target(what, *judged) if judged else Target(what, "not measured", None))
     for s in ("queries", "updates"):  # what the turn budget trades tail latency for
-        ours, theirs = rps("gp2-rf", s), rps("gevent", s)
         what = f"gp2-rf {SCENARIO_BY_NAME[s].path} >= 1x gevent (GREENPATCH_TURN_BUDGET=10)"
-        if ours is None or theirs is None:
+        judged = ratio_text(run, "gp2-rf", "gevent", s, 1.0)
+        if judged is None:
             out.append(Target(what, "not measured", None))
         else:
             p99, peer_p99 = median(run, "gp2-rf", s, "p99_ms"), median(run, "gevent", s, "p99_ms")
-            measured = f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f})"
-            measured += f", p99 {p99:,.0f} vs {peer_p99:,.0f} ms"
-            out.append(Target(what, measured, ours >= theirs))
+            out.append(Target(what, f"{judged[0]}; p99 {p99:,.0f} vs {peer_p99:,.0f} ms", judged[1]))
     for kind, label in (("select1", "SELECT 1"), ("pk", "primary-key select")):
         f = run.overhead.get("figures", {}).get(kind)
         if f:

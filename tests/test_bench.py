@@ -138,6 +138,32 @@ def test_report_has_every_table_and_judges_the_targets(peers):
     assert "| 2.00x" in text
 
 
+def test_ratio_targets_show_how_each_round_compared(peers):
+    # Judged on the medians, as before; the spread of the per-round ratios
+    # says how close the call was. Round 2 lacks gevent: it is left out.
+    run = peers.Run(
+        [peers.BY_NAME["gp2"], peers.BY_NAME["gevent"]], [peers.SCENARIO_BY_NAME["queries"]], 4, 5, 1
+    )
+    for rnd, (ours, theirs) in enumerate([(180.0, 200.0), (210.0, 200.0), (230.0, None), (220.0, 200.0)]):
+        run.results.append(peers.Result("gp2", "queries", rnd, ours, 200.0, 500.0, 1000, 0, 40, 130.0))
+        if theirs is not None:
+            run.results.append(
+                peers.Result("gevent", "queries", rnd, theirs, 10.0, 3000.0, 1000, 0, 40, 190.0)
+            )
+    assert peers.round_ratios(run, "gp2", "gevent", "queries") == [0.9, 1.05, 1.1]
+    target = {t.what: t for t in peers.targets(run)}["gp2 /queries?q=20 >= 1x gevent"]
+    assert target.ok is True  # medians: 215 vs 200
+    assert target.measured == "1.07x (215 vs 200); rounds 0.90-1.10x, 2 of 3 >= 1x"
+    # One round: no spread to show.
+    assert peers.ratio_text(run, "gp2", "gevent", "queries", 1.2) == (
+        "1.07x (215 vs 200); rounds 0.90-1.10x, 0 of 3 >= 1.2x",
+        False,
+    )
+    one = peers.Run(run.configs, run.scenarios, 1, 5, 1, run.results[:2])
+    assert peers.ratio_text(one, "gp2", "gevent", "queries", 1.0) == ("0.90x (180 vs 200)", False)
+    assert peers.ratio_text(one, "gp2", "gthread", "queries", 1.0) is None
+
+
 def test_a_saved_run_gives_the_same_report(peers, tmp_path):
     run = fake_run(peers)
     path = tmp_path / "run.json"
