@@ -30,8 +30,11 @@ What a pool guarantees:
   never frees it: the connections it holds are closed and their slots freed
   by the next `checkout` that has to wait (or `stats`), with a warning.
   That call also kills its own thread's workers left parked on a closed
-  loop (so that they give back what they hold), and runs in a thread a
-  recovery or a ``KILL`` that was scheduled on a loop closed before it ran;
+  loop (so that they give back what they hold), runs in a thread a
+  recovery or a ``KILL`` that was scheduled on a loop closed before it ran,
+  and settles one whose worker's thread ended first: a recovery's
+  connection is closed (its statement killed) and its slot freed, a
+  ``KILL`` is sent from a thread;
 * a connection whose holder was killed while it waited for a reply (a
   client that went away) is *recovered* when the ops can
   (`ConnectionOps.recoverable`): the reply is read to its end within
@@ -96,7 +99,7 @@ _ER_NO_SUCH_THREAD = 1094
 #: At most how often a `Pool.checkout` that has to wait looks for what nobody
 #: will hand back (`Pool.stats` always looks): connections held by workers
 #: whose thread has ended, recoveries and cancellers whose loop was closed
-#: before they started.
+#: before they started or whose thread has ended.
 LOST_CHECK_INTERVAL = 1.0
 
 #: Seconds the pool waits before it KILLs the statement of a connection cut
@@ -426,6 +429,27 @@ _IN_USE = "in_use"  # held by a caller, or granted to a waiter not yet running
 _RETURNING = "returning"  # being reset by checkin
 
 
+class _Internal:
+    """A recovery or a canceller that the pool runs in a worker (see
+    `Pool._start_internal`).
+
+    Settled exactly once (`Pool._settle`): by its own code, or by
+    ``fallback(pool)`` when its worker can never run again - its thread
+    ended while it was parked or before it started. The fallback takes the
+    pool as an argument: the worker, which may stay parked for good, must
+    not keep the pool alive.
+    """
+
+    __slots__ = ("worker", "thread", "fallback", "settled")
+
+    def __init__(self, fallback: Callable[[Pool], None]) -> None:
+        self.worker: hub.Worker | None = None
+        # The thread whose loop runs the worker: the caller's, a worker.
+        self.thread = threading.current_thread()
+        self.fallback = fallback
+        self.settled = False
+
+
 class _Record:
     __slots__ = (
         "conn",
@@ -697,7 +721,7 @@ class Pool:
         self._connecting = 0  # reserved slots: connects in progress or granted to a waiter
         self._orphans: set[int] = set()  # id() of a parent process's connections
         self._collected: list[_Record] = []  # lent connections garbage-collected (see _reclaim_locked)
-        self._internal: list[hub.Worker] = []  # recoveries and cancellers not started yet
+        self._internal: list[_Internal] = []  # recoveries and cancellers whose worker has not ended
         self._lost_checked = 0.0  # when _look_for_lost last looked
         self._connects = 0
         self._connect_errors = 0
@@ -1151,19 +1175,19 @@ class Pool:
             self._discards[reason] = self._discards.get(reason, 0) + 1
 
     def _remove(
-        self, rec: _Record, reason: str | None, grace: float = CANCEL_GRACE, abandoned: bool = False
+        self, rec: _Record, reason: str | None, grace: float | None = None, abandoned: bool = False
     ) -> None:
         """Forget and close a record that is not idle; its slot is freed.
 
         A connection the ops can recover (see `_recover`) is recovered
         instead. When the server may still be working for the connection
         (see `ConnectionOps.orphaned_work`), a short-lived extra connection,
-        outside ``max_size``, cancels that work after ``grace`` seconds. The
-        slot is not kept reserved meanwhile: MariaDB's ``KILL`` can take up
-        to 2 s (it retries a lock the victim may hold), and a burst of
-        disconnects under overload must not starve the pool. There is one
-        such connection per cut connection, for as long as its ``KILL``
-        takes (``cancelling`` in `stats`).
+        outside ``max_size``, cancels that work after ``grace`` seconds
+        (default: `CANCEL_GRACE`). The slot is not kept reserved meanwhile:
+        MariaDB's ``KILL`` can take up to 2 s (it retries a lock the victim
+        may hold), and a burst of disconnects under overload must not
+        starve the pool. There is one such connection per cut connection,
+        for as long as its ``KILL`` takes (``cancelling`` in `stats`).
         """
         if abandoned:  # its holder can never run again (see _reclaim_from_ended_threads)
             self._abandon_conn(rec.conn)
@@ -1218,6 +1242,7 @@ class Pool:
         ref = weakref.ref(self)  # like the canceller: a retired pool is not kept alive
         ops = self.ops
         pid = self._pid
+        entry = _Internal(lambda pool: pool._recovery_lost(rec))
 
         def recover() -> None:
             ok = False
@@ -1230,10 +1255,10 @@ class Pool:
                 pool = ref()
                 if pool is None:
                     ops.close(rec.conn)
-                elif pool._pid == pid:
+                elif pool._pid == pid and pool._settle(entry):
                     pool._recovered(rec, ok, reason)
 
-        self._start_internal(recover)
+        self._start_internal(recover, entry)
         return True
 
     def _recovered(self, rec: _Record, ok: bool, reason: str | None) -> None:
@@ -1251,14 +1276,30 @@ class Pool:
         else:
             self._remove(rec, reason if not self._closed else "", grace=0.0)
 
-    def _cancel_orphaned_work(self, work: Any, grace: float = CANCEL_GRACE) -> None:
+    def _recovery_lost(self, rec: _Record) -> None:
+        # The worker reading the reply can never run again: its thread
+        # ended. Nobody reads the reply now: close the connection (its
+        # socket only: the parked worker holds PyMySQL's reader), kill its
+        # statement at once and free the slot.
+        with self._lock:
+            self._recovering -= 1
+        log.warning(
+            "pool %r: closing a connection being recovered by a worker whose thread ended; "
+            "its slot is free again",
+            self.name,
+        )
+        self._remove(rec, "holder_thread_ended", grace=0.0, abandoned=True)
+
+    def _cancel_orphaned_work(self, work: Any, grace: float | None = None) -> None:
         # The canceller holds the pool weakly: a retired pool is not kept
         # alive by a canceller whose loop stopped before it could run.
+        if grace is None:
+            grace = CANCEL_GRACE
         ref = weakref.ref(self)
         pid = self._pid
         thread_name = f"greenpatch-cancel-{self.name}"
 
-        def send() -> None:
+        def deliver() -> None:
             try:
                 pool = ref()
                 if pool is not None:
@@ -1269,6 +1310,11 @@ class Pool:
                     with pool._lock:
                         if pool._pid == pid:
                             pool._cancelling -= 1
+
+        def send() -> None:
+            pool = ref()
+            if pool is not None and pool._settle(entry):  # else the fallback sends it
+                deliver()
 
         def cancel() -> None:
             # Most cut statements are short and end by themselves within the
@@ -1288,6 +1334,11 @@ class Pool:
                         raise
             send()
 
+        def fallback(pool: Pool) -> None:  # the worker's thread ended during the grace
+            threading.Thread(target=deliver, name=thread_name, daemon=True).start()
+
+        entry = _Internal(fallback)
+
         # Not in the caller, which may be a worker being killed. A worker's
         # connection is cancelled from a new worker on the same loop: a thread
         # would fight the busy loop thread for the GIL at every step of its
@@ -1296,34 +1347,59 @@ class Pool:
         # short-lived thread with a blocking connection.
         worker = hub.current_worker()
         if worker is not None and not worker.loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
-            self._start_internal(cancel)  # so its loop runs: the new worker starts on its next turn
+            self._start_internal(cancel, entry)  # so its loop runs: the new worker starts on its next turn
             return
         threading.Thread(target=cancel, name=thread_name, daemon=True).start()
 
-    def _start_internal(self, fn: Callable[[], None]) -> None:
+    def _start_internal(self, fn: Callable[[], None], entry: _Internal) -> None:
         # A recovery or a canceller, started from a worker: it runs on that
-        # worker's loop, on its next turn. Kept until it starts, in case the
-        # loop is closed before (see _run_stranded_workers).
-        worker = hub.start_worker(fn)
+        # worker's loop, on its next turn. Kept until its worker ends, in
+        # case the loop is closed before it starts or its thread ends
+        # before it is done (see _run_stranded_workers).
+        entry.worker = hub.start_worker(fn)
         with self._lock:
-            self._internal = [w for w in self._internal if w.pending]
-            self._internal.append(worker)
+            self._internal = [e for e in self._internal if not e.worker.dead]  # type: ignore[union-attr]
+            self._internal.append(entry)
+
+    def _settle(self, entry: _Internal) -> bool:
+        # True for the first of a recovery's or canceller's own code and its fallback.
+        with self._lock:
+            if entry.settled:
+                return False
+            entry.settled = True
+            return True
 
     def _run_stranded_workers(self) -> None:
         # A recovery or canceller whose loop was closed before it started
         # (a request killed in a loop's last turn) never runs there: it runs
         # in a short-lived thread instead, with blocking sockets, as it
-        # would outside a worker. Else the recovering slot, or the cut
-        # statement, would be lost.
+        # would outside a worker. One whose thread ended before it was done
+        # (parked on its loop, or not started on a loop left open) never
+        # runs again, and greenlet never frees it: its fallback settles it.
+        # Else the recovering slot, or the cut statement, would be lost.
         with self._lock:
             internal, self._internal = self._internal, []
             calls = []
-            for worker in internal:
-                call = worker.take_back_if_stranded()
+            lost = []
+            alive: dict[threading.Thread, bool] = {}
+            for entry in internal:
+                worker = entry.worker
+                if worker.dead or entry.settled:  # type: ignore[union-attr]
+                    continue
+                call = worker.take_back_if_stranded()  # type: ignore[union-attr]
                 if call is not None:
                     calls.append(call)
-                elif worker.pending:
-                    self._internal.append(worker)
+                    continue
+                thread = entry.thread
+                if thread not in alive:
+                    alive[thread] = thread.is_alive()
+                if alive[thread]:
+                    self._internal.append(entry)
+                else:
+                    entry.settled = True
+                    lost.append(entry)
+        for entry in lost:
+            entry.fallback(self)
         for fn, args, kwargs in calls:
             log.debug("pool %r: running %r in a thread: its loop was closed before it started", self.name, fn)
             threading.Thread(
@@ -1461,8 +1537,9 @@ class Pool:
     def _look_for_lost(self, now: float) -> None:
         # What nobody will ever hand back: workers of this thread parked on
         # a closed loop (killed here, so that their exit code gives back what
-        # they hold), workers stranded on a closed loop before they started,
-        # connections of workers whose thread ended.
+        # they hold), recoveries and cancellers stranded on a closed loop
+        # before they started or left behind by their thread, connections of
+        # workers whose thread ended.
         self._lost_checked = now
         if not hub.is_worker():  # a worker starting on a new loop did it already
             hub.reap_closed_loops()

@@ -1717,7 +1717,7 @@ def test_a_recovery_whose_loop_was_closed_is_not_lost(scratch_db, patched, monke
 
     try:
         run_loop(main)  # closes the loop
-        assert sum(w.pending for w in pool._internal) == (stranded == "before it started")
+        assert sum(e.worker.pending for e in pool._internal) == (stranded == "before it started")
         t0 = time.monotonic()
         conn = pool.checkout()  # from this thread, outside a worker
         waited = time.monotonic() - t0
@@ -1762,7 +1762,7 @@ def test_a_canceller_whose_loop_was_closed_still_kills_the_statement(scratch_db,
 
     try:
         run_loop(main)
-        assert sum(w.pending for w in pool._internal) == (stranded == "before it started")
+        assert sum(e.worker.pending for e in pool._internal) == (stranded == "before it started")
         assert pool.stats()["cancelling"] == 1  # stats() looks: the canceller goes on in a thread
         wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
         wait_until(lambda: held[0] not in server_threads(admin), timeout=3)
@@ -1770,4 +1770,91 @@ def test_a_canceller_whose_loop_was_closed_still_kills_the_statement(scratch_db,
     finally:
         pool.close()
         admin.close()
+    assert (s["size"], s["in_use"], s["discards"]) == (0, 0, {"interrupted": 1})
+
+
+def in_a_thread_that_ends(main, loop_end: str) -> None:
+    """Run the coroutine function ``main`` on a new loop in a thread named
+    "ended", then close the loop (or leave it open) and let the thread end."""
+
+    def thread():
+        loop = IOLoop(make_current=False)
+        loop.run_sync(main)
+        if loop_end == "closed":
+            loop.close(all_fds=False)
+
+    t = threading.Thread(target=thread, name="ended")
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+
+
+@pytest.mark.parametrize("loop_end", ["closed", "left open"])
+def test_a_recovery_whose_thread_ended_is_not_lost(scratch_db, patched, monkeypatch, caplog, loop_end):
+    # The recovery waits for the reply on a loop whose thread then ends: it
+    # never runs again, and greenlet never frees it. The next look (stats(),
+    # a checkout that has to wait) closes that connection, kills its
+    # statement and frees the slot, instead of a PoolTimeout for good.
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 5.0)  # the recovery would wait that long
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    pool = Pool(lambda: pymysql.connect(**scratch_db), name="recovery-ended", max_size=1, timeout=3)
+    held = []
+    during = []
+
+    async def main():
+        await cancel_in_sleep(pool, admin, 30, held)
+        await asyncio.sleep(0.1)  # the recovery starts and waits for the reply
+        during.append((pool._recovering, [(e.worker.pending, e.worker.dead) for e in pool._internal]))
+
+    try:
+        in_a_thread_that_ends(main, loop_end)
+        assert during == [(1, [(False, False)])]  # parked: no thread would take it back
+        looked = pool.stats()
+        t0 = time.monotonic()
+        conn = pool.checkout()  # from this thread, outside a worker
+        waited = time.monotonic() - t0
+        thread_id = conn.thread_id()
+        pool.checkin(conn)
+        wait_until(lambda: held[0] not in server_threads(admin), timeout=3)
+        wait_until(lambda: pool.stats()["cancelling"] == 0)
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert (looked["size"], looked["in_use"], looked["recovering"]) == (0, 0, 0)
+    assert waited < 1.0  # the slot was free
+    assert thread_id != held[0]
+    assert (s["size"], s["in_use"], s["recovering"], s["recoveries"]) == (1, 0, 0, 0)
+    assert s["discards"] == {"holder_thread_ended": 1}
+    assert s["cancels"] == 1
+    assert "being recovered by a worker whose thread ended" in caplog.text
+    assert pool._internal == []
+
+
+@pytest.mark.parametrize("loop_end", ["closed", "left open"])
+def test_a_canceller_whose_thread_ended_still_kills_the_statement(scratch_db, patched, monkeypatch, loop_end):
+    # The canceller sleeps out its grace on a loop whose thread then ends:
+    # the next look sends its KILL from a thread, once.
+    monkeypatch.setattr("greenpatch.pool.CANCEL_GRACE", 5.0)
+    admin = pymysql.connect(**scratch_db, autocommit=True)
+    pool = Pool(lambda: pymysql.connect(**scratch_db), name="cancel-ended", max_size=1, ops=_NoRecovery())
+    held = []
+
+    async def main():
+        await cancel_in_sleep(pool, admin, 30, held)
+        await asyncio.sleep(0.05)  # the canceller starts its grace
+
+    try:
+        in_a_thread_that_ends(main, loop_end)
+        t0 = time.monotonic()
+        wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
+        killed_after = time.monotonic() - t0
+        wait_until(lambda: held[0] not in server_threads(admin), timeout=3)
+        time.sleep(0.2)
+        s = pool.stats()
+    finally:
+        pool.close()
+        admin.close()
+    assert killed_after < 3.0  # not after the 5 s grace: that sleep never ends
+    assert (s["cancels"], s["cancelling"]) == (1, 0)
     assert (s["size"], s["in_use"], s["discards"]) == (0, 0, {"interrupted": 1})
