@@ -1370,8 +1370,15 @@ def _alive(pid):
         return False
 
 
-def test_serve_on_a_unix_socket(serve_process):
-    path = os.path.join(tempfile.mkdtemp(prefix="gp-"), "s.sock")
+@pytest.fixture
+def socket_path():
+    """A short path for a Unix socket (``sun_path`` holds 107 bytes), in a directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="gp-") as tmp:
+        yield os.path.join(tmp, "s.sock")
+
+
+def test_serve_on_a_unix_socket(serve_process, socket_path):
+    path = socket_path
     proc = serve_process(unix_socket=path)
     proc.wait_ready()
     assert any(f"unix:{path}" in line for line in proc.stderr)
@@ -1391,8 +1398,8 @@ def test_serve_on_a_unix_socket(serve_process):
     assert not os.path.exists(path)
 
 
-def test_serve_on_a_unix_socket_with_processes(serve_process):
-    path = os.path.join(tempfile.mkdtemp(prefix="gp-"), "s.sock")
+def test_serve_on_a_unix_socket_with_processes(serve_process, socket_path):
+    path = socket_path
     proc = serve_process(unix_socket=path, processes=2)
     proc.wait_ready()
     with socket.socket(socket.AF_UNIX) as sock:
