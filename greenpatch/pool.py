@@ -28,7 +28,8 @@ What a pool guarantees:
   checked in (its holder dropped it) frees its slot, with a warning. A
   worker parked when its thread ends can never run again, and greenlet
   never frees it: the connections it holds are closed and their slots freed
-  by the next `checkout` that has to wait (or `stats`), with a warning.
+  by a `checkout` that has to wait (as it starts waiting, and about once a
+  second while it waits) or by `stats`, with a warning.
   That call also kills its own thread's workers left parked on a closed
   loop (so that they give back what they hold), runs in a thread a
   recovery or a ``KILL`` that was scheduled on a loop closed before it ran,
@@ -96,10 +97,11 @@ _COM_RESET_CONNECTION = 0x1F
 # pymysql.constants.ER.NO_SUCH_THREAD ("Unknown thread id")
 _ER_NO_SUCH_THREAD = 1094
 
-#: At most how often a `Pool.checkout` that has to wait looks for what nobody
-#: will hand back (`Pool.stats` always looks): connections held by workers
-#: whose thread has ended, recoveries and cancellers whose loop was closed
-#: before they started or whose thread has ended.
+#: How often a `Pool.checkout` that has to wait looks for what nobody will
+#: hand back, as it starts waiting and then while it waits, unless another
+#: caller looked meanwhile (`Pool.stats` always looks): connections held by
+#: workers whose thread has ended, recoveries and cancellers whose loop was
+#: closed before they started or whose thread has ended.
 LOST_CHECK_INTERVAL = 1.0
 
 #: Seconds the pool waits before it KILLs the statement of a connection cut
@@ -792,8 +794,6 @@ class Pool:
         self._log_leaks(leaks)
         self._close_all(to_close)
         if waiter is not None:
-            if start - self._lost_checked >= LOST_CHECK_INTERVAL:
-                self._look_for_lost(start)
             grant = self._wait_for(waiter, timeout)
         return self._claim(grant)
 
@@ -1012,16 +1012,29 @@ class Pool:
         return waiter
 
     def _wait_for(self, waiter: _Waiter, timeout: float) -> Any:
-        remaining = max(0.0, waiter.since + timeout - time.monotonic())
+        # Waits in slices: once per LOST_CHECK_INTERVAL the waiter looks for
+        # what nobody will hand back (a holder's thread may end meanwhile),
+        # unless another caller looked in the meantime.
+        deadline = waiter.since + timeout
         try:
             if waiter.event is not None:
                 self._warn_if_blocking_loop()
-                waiter.event.wait(remaining)
-            else:
-                try:
-                    hub.wait(waiter.future, remaining)  # type: ignore[arg-type]
-                except TimeoutError:
-                    pass
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now - self._lost_checked >= LOST_CHECK_INTERVAL:
+                    self._look_for_lost(now)
+                wait = min(deadline - now, self._lost_checked + LOST_CHECK_INTERVAL - now)
+                if waiter.event is not None:
+                    if waiter.event.wait(wait):
+                        break
+                else:
+                    try:
+                        hub.wait(waiter.future, wait)  # type: ignore[arg-type]
+                        break
+                    except TimeoutError:
+                        pass
         except BaseException:
             # Killed (GreenletExit), KeyboardInterrupt...: leave the queue,
             # and pass on whatever was granted meanwhile.

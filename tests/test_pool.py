@@ -1620,6 +1620,51 @@ def test_a_connection_held_by_a_worker_whose_thread_ended_is_not_lost(
         wait_until(lambda: pool.stats()["cancels"] == 1 and pool.stats()["cancelling"] == 0)
 
 
+@pytest.mark.parametrize("waiter", ["a thread", "a worker"])
+def test_a_waiting_checkout_looks_again_while_it_waits(db, patched, pools, caplog, waiter):
+    # The checkout starts waiting just after the pool looked (stats()), so it
+    # does not look as it starts; the holder's thread ends 1.5 s into the
+    # wait. The waiter looks again about once a second: it gets the slot
+    # then, not a PoolTimeout after 5 s.
+    pool = pools(db, max_size=1, timeout=5)
+    held = threading.Event()
+
+    def holder():
+        with pool.connection():
+            held.set()
+            greenpatch.sleep(60)
+
+    def thread():
+        loop = IOLoop(make_current=False)
+
+        async def main():
+            hub.start_worker(holder)
+            await asyncio.sleep(1.5)
+
+        loop.run_sync(main)
+        loop.close(all_fds=False)
+
+    t = threading.Thread(target=thread, name="ended")
+    t.start()
+    try:
+        assert held.wait(5)
+        assert pool.stats()["in_use"] == 1  # a look: the next is a second away
+
+        def wait_for_one() -> float:
+            t0 = time.monotonic()
+            conn = pool.checkout()
+            waited = time.monotonic() - t0
+            pool.checkin(conn)
+            return waited
+
+        waited = wait_for_one() if waiter == "a thread" else run_green(wait_for_one)
+    finally:
+        t.join(10)
+    assert 1.0 < waited < 3.5
+    assert pool.stats()["discards"] == {"holder_thread_ended": 1}
+    assert "worker whose thread (ended) ended before it was checked in" in caplog.text
+
+
 def test_a_connection_held_in_a_live_thread_is_left_alone(db, patched, pools):
     pool = pools(db, max_size=1, timeout=0.3)
     done = threading.Event()
