@@ -1021,10 +1021,10 @@ class Pool:
                 self._warn_if_blocking_loop()
             while True:
                 now = time.monotonic()
+                if now - self._lost_checked >= LOST_CHECK_INTERVAL:
+                    self._look_for_lost(now)  # may grant this waiter a freed slot
                 if now >= deadline:
                     break
-                if now - self._lost_checked >= LOST_CHECK_INTERVAL:
-                    self._look_for_lost(now)
                 wait = min(deadline - now, self._lost_checked + LOST_CHECK_INTERVAL - now)
                 if waiter.event is not None:
                     if waiter.event.wait(wait):

@@ -1571,6 +1571,28 @@ def test_a_connection_that_cannot_be_weakly_referenced_is_held_as_before():
     assert pool.stats()["in_use"] == 1
 
 
+def start_a_thread_that_ends(main, loop_end: str = "closed") -> threading.Thread:
+    """Start a thread named "ended" that runs the coroutine function ``main``
+    on a new loop, then closes the loop (or leaves it open) and ends."""
+
+    def thread():
+        loop = IOLoop(make_current=False)
+        loop.run_sync(main)
+        if loop_end == "closed":
+            loop.close(all_fds=False)
+
+    t = threading.Thread(target=thread, name="ended")
+    t.start()
+    return t
+
+
+def in_a_thread_that_ends(main, loop_end: str) -> None:
+    """`start_a_thread_that_ends`, and wait until it has ended."""
+    t = start_a_thread_that_ends(main, loop_end)
+    t.join(10)
+    assert not t.is_alive()
+
+
 @pytest.mark.parametrize("loop_end", ["closed", "left open"])
 @pytest.mark.parametrize("waiting_on", ["a sleep", "its query"])
 def test_a_connection_held_by_a_worker_whose_thread_ended_is_not_lost(
@@ -1590,20 +1612,11 @@ def test_a_connection_held_by_a_worker_whose_thread_ended_is_not_lost(
             else:
                 cur.execute("SELECT SLEEP(30)")
 
-    def thread():
-        loop = IOLoop(make_current=False)
+    async def main():
+        hub.start_worker(holder)
+        await asyncio.sleep(0.2)
 
-        async def main():
-            hub.start_worker(holder)
-            await asyncio.sleep(0.2)
-
-        loop.run_sync(main)
-        if loop_end == "closed":
-            loop.close(all_fds=False)
-
-    t = threading.Thread(target=thread, name="ended")
-    t.start()
-    t.join(10)
+    in_a_thread_that_ends(main, loop_end)
     assert ids
     t0 = time.monotonic()
     assert scalar_from(pool, "SELECT 1") == 1  # from this thread, blocking
@@ -1634,18 +1647,11 @@ def test_a_waiting_checkout_looks_again_while_it_waits(db, patched, pools, caplo
             held.set()
             greenpatch.sleep(60)
 
-    def thread():
-        loop = IOLoop(make_current=False)
+    async def main():
+        hub.start_worker(holder)
+        await asyncio.sleep(1.5)
 
-        async def main():
-            hub.start_worker(holder)
-            await asyncio.sleep(1.5)
-
-        loop.run_sync(main)
-        loop.close(all_fds=False)
-
-    t = threading.Thread(target=thread, name="ended")
-    t.start()
+    t = start_a_thread_that_ends(main)
     try:
         assert held.wait(5)
         assert pool.stats()["in_use"] == 1  # a look: the next is a second away
@@ -1663,6 +1669,25 @@ def test_a_waiting_checkout_looks_again_while_it_waits(db, patched, pools, caplo
     assert 1.0 < waited < 3.5
     assert pool.stats()["discards"] == {"holder_thread_ended": 1}
     assert "worker whose thread (ended) ended before it was checked in" in caplog.text
+
+
+def test_a_checkout_that_may_not_wait_still_looks_first(db, patched, pools):
+    # timeout=0: no time to wait, but the look as it starts frees the slot of
+    # a holder whose thread ended, and the slot is its own.
+    pool = pools(db, max_size=1, timeout=5)
+
+    def holder():
+        with pool.connection():
+            greenpatch.sleep(60)
+
+    async def main():
+        hub.start_worker(holder)
+        await asyncio.sleep(0.1)
+
+    in_a_thread_that_ends(main, "closed")
+    conn = pool.checkout(timeout=0)
+    pool.checkin(conn)
+    assert pool.stats()["discards"] == {"holder_thread_ended": 1}
 
 
 def test_a_connection_held_in_a_live_thread_is_left_alone(db, patched, pools):
@@ -1816,22 +1841,6 @@ def test_a_canceller_whose_loop_was_closed_still_kills_the_statement(scratch_db,
         pool.close()
         admin.close()
     assert (s["size"], s["in_use"], s["discards"]) == (0, 0, {"interrupted": 1})
-
-
-def in_a_thread_that_ends(main, loop_end: str) -> None:
-    """Run the coroutine function ``main`` on a new loop in a thread named
-    "ended", then close the loop (or leave it open) and let the thread end."""
-
-    def thread():
-        loop = IOLoop(make_current=False)
-        loop.run_sync(main)
-        if loop_end == "closed":
-            loop.close(all_fds=False)
-
-    t = threading.Thread(target=thread, name="ended")
-    t.start()
-    t.join(10)
-    assert not t.is_alive()
 
 
 @pytest.mark.parametrize("loop_end", ["closed", "left open"])
