@@ -444,8 +444,9 @@ class _Internal:
 
     __slots__ = ("worker", "thread", "fallback", "settled")
 
+    worker: hub.Worker  # set by Pool._start_internal before the pool lists it
+
     def __init__(self, fallback: Callable[[Pool], None]) -> None:
-        self.worker: hub.Worker | None = None
         # The thread whose loop runs the worker: the caller's, a worker.
         self.thread = threading.current_thread()
         self.fallback = fallback
@@ -1371,7 +1372,7 @@ class Pool:
         # before it is done (see _run_stranded_workers).
         entry.worker = hub.start_worker(fn)
         with self._lock:
-            self._internal = [e for e in self._internal if not e.worker.dead]  # type: ignore[union-attr]
+            self._internal = [e for e in self._internal if not e.worker.dead]
             self._internal.append(entry)
 
     def _settle(self, entry: _Internal) -> bool:
@@ -1397,9 +1398,9 @@ class Pool:
             alive: dict[threading.Thread, bool] = {}
             for entry in internal:
                 worker = entry.worker
-                if worker.dead or entry.settled:  # type: ignore[union-attr]
+                if worker.dead or entry.settled:
                     continue
-                call = worker.take_back_if_stranded()  # type: ignore[union-attr]
+                call = worker.take_back_if_stranded()
                 if call is not None:
                     calls.append(call)
                     continue
