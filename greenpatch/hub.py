@@ -53,6 +53,7 @@ import logging
 import os
 import select
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -87,6 +88,7 @@ log = logging.getLogger("greenpatch.hub")
 T = TypeVar("T")
 
 getcurrent = greenlet.getcurrent
+_monotonic = time.monotonic
 GreenletExit = greenlet.GreenletExit
 
 # Sentinels passed to Worker.switch() by the resume paths of a wait.
@@ -624,11 +626,13 @@ class _Deadlines:
 
 class _ByLoop(threading.local):
     """What this thread keeps per loop it runs: the registered `FdWatch` of
-    each (fd, event), and the `_Deadlines` of the waits."""
+    each (fd, event), the `_Deadlines` of the waits, and when the turn
+    budget of the loop's current turn began (see `within_turn_budget`)."""
 
     def __init__(self) -> None:
         self.watches: dict[asyncio.AbstractEventLoop, dict[tuple[int, bool], FdWatch]] = {}
         self.deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
+        self.turns: dict[asyncio.AbstractEventLoop, float] = {}
 
 
 _by_loop = _ByLoop()
@@ -829,19 +833,40 @@ def current_worker() -> Worker | None:
     return cur.worker if isinstance(cur, WorkerGreenlet) else None
 
 
-def others_queued() -> bool:
-    """True inside a worker whose loop has other callbacks queued to run
-    (other work waits for a turn); False outside workers.
+def within_turn_budget(budget: float) -> bool:
+    """Whether the current worker may go on at once, without letting the
+    other callbacks queued on its loop run first.
 
-    Reads asyncio's event loop internals; on any other loop, True.
+    A turn of the loop (one pass over its ready callbacks) has ``budget``
+    seconds for that, shared by all the workers it runs, from the first
+    time it is asked in that turn; later in the turn the answer is False,
+    and the next turn has a new budget. So a turn lasts at most the budget
+    plus one step of each worker, and every worker gets a step every turn.
+
+    False outside workers, and while nothing else is queued (nobody waits
+    for a turn: the worker waits in place instead). Reads asyncio's event
+    loop internals; on any other loop, something is taken to be queued.
     """
     cur = getcurrent()
     if not isinstance(cur, WorkerGreenlet):
         return False
+    aloop = cur.worker.loop.asyncio_loop  # type: ignore[union-attr]
     try:
-        return bool(cur.worker.loop.asyncio_loop._ready)  # type: ignore[union-attr]
+        if not aloop._ready:
+            return False
     except AttributeError:
-        return True
+        pass
+    turns = _by_loop.turns
+    began = turns.get(aloop)
+    now = _monotonic()
+    if began is None:
+        if turns:  # another loop of this thread's: drop it if it was closed meanwhile
+            for closed in [loop for loop in turns if loop.is_closed()]:
+                del turns[closed]
+        turns[aloop] = now
+        aloop.call_soon(turns.pop, aloop, None)  # runs first thing in the next turn
+        return budget > 0
+    return now - began < budget
 
 
 def is_worker() -> bool:

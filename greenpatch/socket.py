@@ -20,13 +20,13 @@ loop when that runs in another thread, so that the fd number is never
 reused while a loop still has it. Names are resolved asynchronously with
 Tornado's ``Resolver``.
 
-The first read after a send, the reply to it, waits before it reads: a
-worker then lets the loop's other work run first, as every worker does at
-every query, so no request holds the loop while others wait. A turn budget
-(``GREENPATCH_TURN_BUDGET`` seconds, 0 by default) trades some of that
-fairness for throughput: for that long after its last wait on the socket,
-while other work is queued on the loop, a worker reads a reply that is
-already there at once.
+The first read after a send, the reply to it, may wait before it reads,
+to let the loop's other work run first: each turn of the loop has a budget
+(``GREENPATCH_TURN_BUDGET``, 5 ms by default) during which its workers read
+replies that are already there at once; after it, a worker lets the others
+have their step before it reads. So a turn of the loop lasts at most that
+budget plus one step of each worker, and no request holds the loop while
+others wait. With a budget of 0 every reply waits for the next turn.
 
 Timeouts follow the socket module: `settimeout` applies to each following
 wait, and an expired one closes the socket and raises `socket.timeout`
@@ -50,13 +50,11 @@ import contextlib
 import errno
 import io
 import logging
-import math
 import os
 import select
 import socket as _socket
 import ssl
 import threading
-import time
 from typing import Any
 
 from tornado.netutil import Resolver
@@ -72,7 +70,6 @@ _BUFFER_SIZE = 64 * 1024
 
 _WorkerGreenlet = hub.WorkerGreenlet
 _getcurrent = hub.getcurrent
-_monotonic = time.monotonic
 
 
 class GreenSocket:
@@ -90,19 +87,15 @@ class GreenSocket:
         self.cut = False
         # Set by sendall() on a plain socket: the next read is the reply to
         # what was just sent. recv_into() then waits for a turn of the loop
-        # first, which keeps the loop fair, unless `_may_read_first`: within
-        # GREENPATCH_TURN_BUDGET seconds of the last wait on this socket
-        # (``_turn_began``) it reads at once. Under load the reply is often
-        # there already (the database answered while the worker ran on), and
-        # a connection's next query then follows its reply while the server's
-        # thread is still awake. Measured with two processes on two cores at
-        # /queries?q=20: reading first always, as gevent does, served 7-23 %
-        # more requests/s but let one worker run on while the others waited
-        # (p99 0.65-2.6 s instead of 0.23-0.32 s); within 0.5 or 1 ms, a few
-        # per cent more for a p99 up to a fifth worse (README, Performance).
+        # first, which keeps the loop fair, unless the loop's current turn
+        # is within its GREENPATCH_TURN_BUDGET (`hub.within_turn_budget`).
+        # Under load the reply is often there already (the database
+        # answered while the worker ran on), and a connection's next query
+        # then follows its reply while the server's thread is still awake
+        # and on the same core: less CPU per query, in both processes
+        # (README, Performance).
         self._awaiting_reply = False
         self._turn_budget = config.turn_budget()
-        self._turn_began = -math.inf  # no wait yet: the first reply waits
         # Set by sendall() on a plain socket, cleared when bytes arrive:
         # nothing of the reply to the last request has been read.
         self._reply_unread = False
@@ -193,7 +186,7 @@ class GreenSocket:
         sock = self._open()
         if self._awaiting_reply:
             self._awaiting_reply = False
-            if not (self._turn_budget and self._may_read_first()):
+            if not (self._turn_budget and hub.within_turn_budget(self._turn_budget)):
                 self._wait(sock, write=False)
         while True:
             try:
@@ -213,15 +206,6 @@ class GreenSocket:
                 else:
                     self.close()
                 return n
-
-    def _may_read_first(self) -> bool:
-        # Whether to read the reply to what was just sent without waiting
-        # for a turn of the loop first: inside a worker, within the turn
-        # budget, and only while other callbacks are queued on its loop -
-        # with none, the wait returns in place as soon as the reply is
-        # there, which spares a read that fails with EAGAIN. Only called with
-        # a turn budget.
-        return _monotonic() - self._turn_began < self._turn_budget and hub.others_queued()
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._open()
@@ -358,9 +342,6 @@ class GreenSocket:
             else:
                 self.close()
             raise
-        else:
-            if self._turn_budget:  # a wait is a turn: the budget starts again
-                self._turn_began = _monotonic()
 
 
 # -- connecting --------------------------------------------------------------

@@ -309,7 +309,8 @@ def test_dropped_without_close_removes_the_registration(db, patched):
     assert run_loop(main) is False
 
 
-def test_read_and_write_registrations_replace_each_other(patched):
+def test_read_and_write_registrations_replace_each_other(patched, monkeypatch):
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0")  # the reply waits: on a read registration
     a, b = socket.socketpair()
     try:
         green = greenpatch.socket.GreenSocket(a)

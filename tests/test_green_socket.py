@@ -410,15 +410,25 @@ def _exchanges(ticks, green, peer, n, between=None):
     return seen
 
 
-@pytest.mark.parametrize("turn_budget", [None, "0"], ids=["unset", "0"])
-def test_with_no_turn_budget_every_reply_waits_for_a_turn_of_the_loop(monkeypatch, turn_budget):
-    # GREENPATCH_TURN_BUDGET unset or 0: a worker that sent a request waits for
-    # a turn of its loop before it reads the reply, even one already there, so
-    # the loop's other callbacks (other workers) run between its queries.
-    if turn_budget is None:
-        monkeypatch.delenv("GREENPATCH_TURN_BUDGET", raising=False)
-    else:
-        monkeypatch.setenv("GREENPATCH_TURN_BUDGET", turn_budget)
+def test_the_default_turn_budget_is_5_ms(monkeypatch):
+    from greenpatch import config
+
+    monkeypatch.delenv("GREENPATCH_TURN_BUDGET", raising=False)
+    a, peer = socket.socketpair()
+    green = GreenSocket(a)
+    try:
+        assert green._turn_budget == config.DEFAULT_TURN_BUDGET == 0.005
+    finally:
+        green.close()
+        peer.close()
+
+
+def test_with_no_turn_budget_every_reply_waits_for_a_turn_of_the_loop(monkeypatch):
+    # GREENPATCH_TURN_BUDGET=0: a worker that sent a request waits for the
+    # next turn of its loop before it reads the reply, even one already
+    # there, so the loop's other callbacks (other workers) run between its
+    # queries.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0")
     a, peer = counting_pair()
     green = GreenSocket(a)
     try:
@@ -431,9 +441,9 @@ def test_with_no_turn_budget_every_reply_waits_for_a_turn_of_the_loop(monkeypatc
 
 
 def test_within_the_turn_budget_a_reply_already_there_is_read_without_a_turn(monkeypatch):
-    # After a wait, a worker reads the replies that are already there without
-    # a turn of the loop for GREENPATCH_TURN_BUDGET seconds; then it waits for
-    # a turn again, and reads first for the next budget.
+    # For GREENPATCH_TURN_BUDGET seconds of a turn of the loop, a worker
+    # reads the replies that are already there at once; then it waits for
+    # the next turn, which has a budget of its own.
     monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0.2")
     a, peer = counting_pair()
     green = GreenSocket(a)
@@ -447,13 +457,90 @@ def test_within_the_turn_budget_a_reply_already_there_is_read_without_a_turn(mon
     finally:
         green.close()
         peer.close()
-    # 0: first reply after a wait; 1, 2: read first; 3: waits; 4, 5: read first
+    # 0, 1, 2: read first; 3: waits for the next turn; 4, 5: read first in it
     assert seen[0] == seen[1] == seen[2] < seen[3] == seen[4] == seen[5], seen
     assert a.empty_reads == 0
 
 
+@pytest.mark.parametrize("spent", [False, True], ids=["left", "spent"])
+def test_the_workers_of_a_turn_share_its_budget(monkeypatch, spent):
+    # Two workers run in the same turn of the loop: what the first spends of
+    # the turn's budget, the second does not have. With the budget spent,
+    # the second's reply waits for the next turn, which has a new budget.
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0.2")
+    pairs = [counting_pair() for _ in range(2)]
+    greens = [GreenSocket(a) for a, _ in pairs]
+
+    def exchange(ticks, i, n):
+        green, peer = greens[i], pairs[i][1]
+        peer.sendall(b"reply %d" % n)
+        green.sendall(b"request %d" % n)
+        buf = bytearray(16)
+        assert bytes(buf[: green.recv_into(buf)]) == b"reply %d" % n
+        assert peer.recv(16) == b"request %d" % n
+        return ticks[0]
+
+    def first(ticks):
+        exchange(ticks, 0, 0)
+        if spent:
+            time.sleep(0.25)  # blocking: the turn's budget is gone
+
+    def second(ticks):
+        before = ticks[0]
+        return before, exchange(ticks, 1, 0), exchange(ticks, 1, 1)
+
+    def both(ticks):  # started in the same turn, first before second
+        a, b = greenpatch.spawn(first, ticks), greenpatch.spawn(second, ticks)
+        greenpatch.wait(a)
+        return greenpatch.wait(b)
+
+    try:
+        before, after, after_next = run_ticking(both)
+    finally:
+        for green, (_, peer) in zip(greens, pairs, strict=True):
+            green.close()
+            peer.close()
+    if spent:
+        assert after > before  # waited for the next turn
+        assert after_next == after  # whose budget it had: read first
+    else:
+        assert after == after_next == before  # both read first, in the first worker's turn
+    assert [a.empty_reads for a, _ in pairs] == [0, 0]
+
+
+def test_a_closed_loop_is_not_kept_for_its_turn_budget(monkeypatch):
+    # A loop stopped and closed right after a reply read first never runs the
+    # callback that ends its turn: its entry goes when a worker of another
+    # loop of the thread reads first.
+    from tornado.ioloop import IOLoop
+
+    from greenpatch import hub
+
+    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "10")
+    a, peer = counting_pair()
+    green = GreenSocket(a)
+    loop = IOLoop(make_current=False)
+    aloop = loop.asyncio_loop
+
+    def exchange_then_stop():
+        aloop.call_soon(lambda: None)  # something else queued: read first
+        _exchanges([0], green, peer, 1)
+        loop.stop()
+
+    try:
+        loop.add_callback(greenpatch.spawn, exchange_then_stop)
+        loop.start()
+        loop.close(all_fds=False)
+        assert aloop in hub._by_loop.turns  # left behind
+        run_ticking(_exchanges, green, peer, 1)
+    finally:
+        green.close()
+        peer.close()
+    assert aloop not in hub._by_loop.turns
+
+
 def _late_reply(ticks, green, peer):
-    # One exchange to start the budget, then one whose reply comes later.
+    # One exchange whose reply is there, then one whose reply comes later.
     out = []
     for reply_later in (False, True):
         green.sendall(b"request")
@@ -463,24 +550,24 @@ def _late_reply(ticks, green, peer):
             peer.sendall(b"reply")
         buf = bytearray(16)
         t0 = time.monotonic()
-        out.append((bytes(buf[: green.recv_into(buf)]), time.monotonic() - t0, green._turn_began))
+        out.append((bytes(buf[: green.recv_into(buf)]), time.monotonic() - t0))
         assert peer.recv(16) == b"request"
     return out
 
 
 def test_a_reply_read_first_that_is_not_there_yet_is_waited_for(monkeypatch):
     # Reading first finds nothing (EAGAIN): the worker waits for the reply as
-    # usual, and that wait starts a new budget.
+    # usual.
     monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "10")
     a, peer = counting_pair()
     green = GreenSocket(a)
     try:
-        (first, _, began), (second, waited, began_again) = run_ticking(_late_reply, green, peer)
+        (first, _), (second, waited) = run_ticking(_late_reply, green, peer)
     finally:
         green.close()
         peer.close()
     assert (first, second) == (b"reply", b"late reply")
-    assert waited >= 0.04 and began_again > began
+    assert waited >= 0.04
     assert a.empty_reads == 1
 
 
@@ -491,7 +578,7 @@ def test_with_nothing_else_queued_on_the_loop_a_worker_does_not_read_first(monke
     a, peer = counting_pair()
     green = GreenSocket(a)
     try:
-        (first, _, _), (second, waited, _) = run_green(_late_reply, [0], green, peer)
+        (first, _), (second, waited) = run_green(_late_reply, [0], green, peer)
     finally:
         green.close()
         peer.close()
