@@ -141,13 +141,13 @@ CONFIGS = [
     Config("gp1", "greenpatch, 1 process, pool 40", 1, "greenpatch", pool=40, greenpatch=True),
     Config("gp2", "greenpatch, 2 processes x pool 20", 2, "greenpatch", pool=20, greenpatch=True),
     Config(
-        "gp2-rf",
-        "gp2 reading replies first: GREENPATCH_TURN_BUDGET=10",
+        "gp2-t0",
+        "gp2 with a turn before every reply: GREENPATCH_TURN_BUDGET=0",
         2,
         "greenpatch",
         pool=20,
         greenpatch=True,
-        settings=(("GREENPATCH_TURN_BUDGET", "10"),),
+        settings=(("GREENPATCH_TURN_BUDGET", "0"),),
     ),
     Config(
         "gthread",
@@ -767,14 +767,6 @@ def targets(run: Run) -> list[Target]:
             what = f"gp2 {SCENARIO_BY_NAME[s].path} >= {need:g}x {peer}"
             judged = ratio_text(run, "gp2", peer, s, need)
             out.append(Target(what, *judged) if judged else Target(what, "not measured", None))
-    for s in ("queries", "updates"):  # what the turn budget trades tail latency for
-        what = f"gp2-rf {SCENARIO_BY_NAME[s].path} >= 1x gevent (GREENPATCH_TURN_BUDGET=10)"
-        judged = ratio_text(run, "gp2-rf", "gevent", s, 1.0)
-        if judged is None:
-            out.append(Target(what, "not measured", None))
-        else:
-            p99, peer_p99 = median(run, "gp2-rf", s, "p99_ms"), median(run, "gevent", s, "p99_ms")
-            out.append(Target(what, f"{judged[0]}; p99 {p99:,.0f} vs {peer_p99:,.0f} ms", judged[1]))
     for kind, label in (("select1", "SELECT 1"), ("pk", "primary-key select")):
         f = run.overhead.get("figures", {}).get(kind)
         if f:
