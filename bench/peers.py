@@ -141,13 +141,13 @@ CONFIGS = [
     Config("gp1", "greenpatch, 1 process, pool 40", 1, "greenpatch", pool=40, greenpatch=True),
     Config("gp2", "greenpatch, 2 processes x pool 20", 2, "greenpatch", pool=20, greenpatch=True),
     Config(
-        "gp2-t0",
-        "gp2 with a turn before every reply: GREENPATCH_TURN_BUDGET=0",
+        "gp2-t5",
+        "gp2 with a turn budget: GREENPATCH_TURN_BUDGET=0.005",
         2,
         "greenpatch",
         pool=20,
         greenpatch=True,
-        settings=(("GREENPATCH_TURN_BUDGET", "0"),),
+        settings=(("GREENPATCH_TURN_BUDGET", "0.005"),),
     ),
     Config(
         "gthread",

@@ -10,7 +10,7 @@
 ``GREENPATCH_TURN_BUDGET``  seconds of each turn of an IOLoop during which its
                         workers read database replies that are already there
                         without letting the other workers run first (default
-                        0.005; 0: every reply waits for the next turn).
+                        0: every reply waits for the next turn).
 """
 
 from __future__ import annotations
@@ -112,12 +112,13 @@ def stats_interval(environ: Mapping[str, str] | None = None) -> float | None:
     return _seconds_setting("GREENPATCH_STATS_INTERVAL", environ, 0.0, "logs no statistics") or None
 
 
-#: Default of ``GREENPATCH_TURN_BUDGET``, in seconds (measured: README,
-#: Performance).
-DEFAULT_TURN_BUDGET = 0.005
+#: Default of ``GREENPATCH_TURN_BUDGET``, in seconds. Reading first pays
+#: only where replies are often there at once: a database server on the
+#: same cores as two or more server processes (README, Performance).
+DEFAULT_TURN_BUDGET = 0.0
 
 
 def turn_budget(environ: Mapping[str, str] | None = None) -> float:
-    """``GREENPATCH_TURN_BUDGET`` in seconds (default 0.005; 0: every reply waits for a turn)."""
+    """``GREENPATCH_TURN_BUDGET`` in seconds (default 0: every reply waits for a turn)."""
     zero_means = "waits for a turn of the loop before every reply"
     return _seconds_setting("GREENPATCH_TURN_BUDGET", environ, DEFAULT_TURN_BUDGET, zero_means)

@@ -20,13 +20,13 @@ loop when that runs in another thread, so that the fd number is never
 reused while a loop still has it. Names are resolved asynchronously with
 Tornado's ``Resolver``.
 
-The first read after a send, the reply to it, may wait before it reads,
-to let the loop's other work run first: each turn of the loop has a budget
-(``GREENPATCH_TURN_BUDGET``, 5 ms by default) during which its workers read
-replies that are already there at once; after it, a worker lets the others
-have their step before it reads. So a turn of the loop lasts at most that
-budget plus one step of each worker, and no request holds the loop while
-others wait. With a budget of 0 every reply waits for the next turn.
+The first read after a send, the reply to it, waits before it reads: a
+worker lets the loop's other work run first, as every worker does at every
+query, so no request holds the loop while others wait. A turn budget
+(``GREENPATCH_TURN_BUDGET`` seconds, 0 by default) trades a little of that
+for less CPU where replies are often there at once: each turn of the loop
+then lets its workers read replies already there at once for that long,
+and a turn lasts at most the budget plus one step of each worker.
 
 Timeouts follow the socket module: `settimeout` applies to each following
 wait, and an expired one closes the socket and raises `socket.timeout`

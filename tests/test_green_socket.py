@@ -410,25 +410,29 @@ def _exchanges(ticks, green, peer, n, between=None):
     return seen
 
 
-def test_the_default_turn_budget_is_5_ms(monkeypatch):
+def test_by_default_there_is_no_turn_budget(monkeypatch):
     from greenpatch import config
 
     monkeypatch.delenv("GREENPATCH_TURN_BUDGET", raising=False)
     a, peer = socket.socketpair()
     green = GreenSocket(a)
     try:
-        assert green._turn_budget == config.DEFAULT_TURN_BUDGET == 0.005
+        assert green._turn_budget == config.DEFAULT_TURN_BUDGET == 0.0
     finally:
         green.close()
         peer.close()
 
 
-def test_with_no_turn_budget_every_reply_waits_for_a_turn_of_the_loop(monkeypatch):
-    # GREENPATCH_TURN_BUDGET=0: a worker that sent a request waits for the
+@pytest.mark.parametrize("turn_budget", [None, "0"], ids=["unset", "0"])
+def test_with_no_turn_budget_every_reply_waits_for_a_turn_of_the_loop(monkeypatch, turn_budget):
+    # GREENPATCH_TURN_BUDGET unset or 0: a worker that sent a request waits for the
     # next turn of its loop before it reads the reply, even one already
     # there, so the loop's other callbacks (other workers) run between its
     # queries.
-    monkeypatch.setenv("GREENPATCH_TURN_BUDGET", "0")
+    if turn_budget is None:
+        monkeypatch.delenv("GREENPATCH_TURN_BUDGET", raising=False)
+    else:
+        monkeypatch.setenv("GREENPATCH_TURN_BUDGET", turn_budget)
     a, peer = counting_pair()
     green = GreenSocket(a)
     try:
