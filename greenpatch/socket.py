@@ -92,8 +92,8 @@ class GreenSocket:
         # Under load the reply is often there already (the database
         # answered while the worker ran on), and a connection's next query
         # then follows its reply while the server's thread is still awake
-        # and on the same core: less CPU per query, in both processes
-        # (README, Performance).
+        # and on the same core - which saved CPU in some benchmark runs and
+        # cost some in others (README, Performance).
         self._awaiting_reply = False
         self._turn_budget = config.turn_budget()
         # Set by sendall() on a plain socket, cleared when bytes arrive:
