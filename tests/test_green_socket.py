@@ -475,23 +475,14 @@ def test_the_workers_of_a_turn_share_its_budget(monkeypatch, spent):
     pairs = [counting_pair() for _ in range(2)]
     greens = [GreenSocket(a) for a, _ in pairs]
 
-    def exchange(ticks, i, n):
-        green, peer = greens[i], pairs[i][1]
-        peer.sendall(b"reply %d" % n)
-        green.sendall(b"request %d" % n)
-        buf = bytearray(16)
-        assert bytes(buf[: green.recv_into(buf)]) == b"reply %d" % n
-        assert peer.recv(16) == b"request %d" % n
-        return ticks[0]
-
     def first(ticks):
-        exchange(ticks, 0, 0)
+        _exchanges(ticks, greens[0], pairs[0][1], 1)
         if spent:
             time.sleep(0.25)  # blocking: the turn's budget is gone
 
     def second(ticks):
         before = ticks[0]
-        return before, exchange(ticks, 1, 0), exchange(ticks, 1, 1)
+        return (before, *_exchanges(ticks, greens[1], pairs[1][1], 2))
 
     def both(ticks):  # started in the same turn, first before second
         a, b = greenpatch.spawn(first, ticks), greenpatch.spawn(second, ticks)
