@@ -153,11 +153,11 @@ def test_ratio_targets_show_how_each_round_compared(peers):
     target = {t.what: t for t in peers.targets(run)}["gp2 /queries?q=20 >= 1x gevent"]
     assert target.ok is True  # medians: 215 vs 200
     assert target.measured == "1.07x (215 vs 200); rounds 0.90-1.10x, 2 of 3 >= 1x"
-    # One round: no spread to show.
     assert peers.ratio_text(run, "gp2", "gevent", "queries", 1.2) == (
         "1.07x (215 vs 200); rounds 0.90-1.10x, 0 of 3 >= 1.2x",
         False,
     )
+    # One round: no spread to show.
     one = peers.Run(run.configs, run.scenarios, 1, 5, 1, run.results[:2])
     assert peers.ratio_text(one, "gp2", "gevent", "queries", 1.0) == ("0.90x (180 vs 200)", False)
     assert peers.ratio_text(one, "gp2", "gthread", "queries", 1.0) is None
