@@ -24,6 +24,9 @@ import logging
 import threading
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+
 from greenpatch import hub
 from greenpatch.pool import Pool, PoolError, PyMySQLOps
 
@@ -57,8 +60,6 @@ _server_data: dict[tuple, dict] = {}
 
 def pool_options(alias: str, settings_dict: dict) -> dict[str, Any] | None:
     """Validated pool options of one database, or None when pooling is off."""
-    from django.core.exceptions import ImproperlyConfigured
-
     where = f"DATABASES[{alias!r}]['OPTIONS']['pool']"
     raw = settings_dict.get("OPTIONS", {}).get("pool", True)
     if raw is False or raw is None:
@@ -119,8 +120,6 @@ def pool_for(wrapper: Any, conn_params: dict) -> Pool | None:
         return _pools[key]
     except KeyError:
         pass
-    from django.db.backends.base.base import NO_DB_ALIAS
-
     database = wrapper.Database
     with _lock:
         if key in _pools:
@@ -207,25 +206,11 @@ def init_connection_state(wrapper: Any, wrapped: Any) -> None:
     if conn is not None and getattr(conn, _INITIALIZED, False):
         # A pooled connection Django already set up: skip the SET round
         # trip, keep the base class's once-per-alias version check.
-        _base_init_connection_state()(wrapper)
+        BaseDatabaseWrapper.init_connection_state(wrapper)
         return
     wrapped()
     if conn is not None and getattr(conn, _POOL, None) is not None:
         setattr(conn, _INITIALIZED, True)
-
-
-_base_init: Any = None
-
-
-def _base_init_connection_state() -> Any:
-    # Imported once, not per request: an import statement in a function
-    # costs about 2 us each time it runs, even of a module already loaded.
-    global _base_init
-    if _base_init is None:
-        from django.db.backends.base.base import BaseDatabaseWrapper
-
-        _base_init = BaseDatabaseWrapper.init_connection_state
-    return _base_init
 
 
 def close(wrapper: Any, wrapped: Any) -> None:
