@@ -656,24 +656,18 @@ def round_ratios(run: Run, ours: str, theirs: str, scenario: str) -> list[float]
 
 
 def cpu_ratio(run: Run, ours: str, theirs: str, scenario: str) -> float | None:
-    """CPU per request of ``theirs`` over that of ``ours``: server and ``mariadbd``, medians.
+    """CPU per request of ``theirs`` over that of ``ours``: server plus ``mariadbd``.
 
-    None when either lacks the figures (an older run's JSON, an unknown
-    ``mariadbd`` pid). Above 1: ``ours`` costs the machine less per request.
+    From the medians of the results table's two CPU columns; None when
+    either is missing (an older run's JSON, an unknown ``mariadbd`` pid).
+    Above 1: ``ours`` costs the machine less per request.
     """
     cost = {}
     for config in (ours, theirs):
-        totals = [
-            r.cpu_us + r.db_cpu_us
-            for r in run.results
-            if r.config == config
-            and r.scenario == scenario
-            and r.cpu_us is not None
-            and r.db_cpu_us is not None
-        ]
-        if not totals:
+        server, db = median(run, config, scenario, "cpu_us"), median(run, config, scenario, "db_cpu_us")
+        if server is None or db is None:
             return None
-        cost[config] = statistics.median(totals)
+        cost[config] = server + db
     return cost[theirs] / cost[ours]
 
 

@@ -164,8 +164,8 @@ def test_ratio_targets_show_how_each_round_compared(peers):
 
 
 def test_ratio_targets_show_the_cpu_per_request_of_both(peers):
-    # CPU/req: the peer's server + mariadbd CPU per request over ours, on
-    # the medians of the rounds; left out when a round lacks the figures.
+    # CPU/req: the peer's server + mariadbd CPU per request over ours, from
+    # the medians of the two CPU columns; left out without the figures.
     run = peers.Run([peers.BY_NAME["gp2"], peers.BY_NAME["gthread"]], [peers.SCENARIO_BY_NAME["db"]], 3, 5, 1)
     for rnd, (ours, theirs) in enumerate([((700.0, 100.0), (900.0, 120.0)), ((760.0, 110.0), (1000.0, 110.0)),
                                           ((800.0, 100.0), (950.0, None))]):  # fmt: skip
@@ -173,10 +173,10 @@ def test_ratio_targets_show_the_cpu_per_request_of_both(peers):
         run.results.append(
             peers.Result("gthread", "db", rnd, 1600.0, 38.0, 98.0, 1000, 0, 32, 145.0, *theirs)
         )
-    # gp2: median of 800, 870, 900 = 870; gthread: of 1020, 1110 = 1065.
-    assert peers.cpu_ratio(run, "gp2", "gthread", "db") == pytest.approx(1065 / 870)
+    # gp2: 760 + 100 = 860; gthread: 950 + median of 120 and 110 = 1065.
+    assert peers.cpu_ratio(run, "gp2", "gthread", "db") == pytest.approx(1065 / 860)
     text, ok = peers.ratio_text(run, "gp2", "gthread", "db", 1.2)
-    assert text == "1.25x (2,000 vs 1,600); rounds 1.25-1.25x, 3 of 3 >= 1.2x; CPU/req 1.22x"
+    assert text == "1.25x (2,000 vs 1,600); rounds 1.25-1.25x, 3 of 3 >= 1.2x; CPU/req 1.24x"
     assert ok is True
     for r in run.results:
         if r.config == "gthread":
