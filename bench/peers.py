@@ -150,6 +150,15 @@ CONFIGS = [
         settings=(("GREENPATCH_TURN_BUDGET", "0.005"),),
     ),
     Config(
+        "gp2-pygc",
+        "gp2 with Python's own garbage collector settings: GREENPATCH_GC=python",
+        2,
+        "greenpatch",
+        pool=20,
+        greenpatch=True,
+        settings=(("GREENPATCH_GC", "python"),),
+    ),
+    Config(
         "gthread",
         "gunicorn gthread 2x16, PyMySQL, CONN_MAX_AGE=60",
         2,

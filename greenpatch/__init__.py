@@ -15,7 +15,10 @@ running; outside one, everything behaves as stock.
 
 from __future__ import annotations
 
-from greenpatch import monitor  # blocking detector and stats logger (greenpatch.monitor)
+from greenpatch import (
+    gc_tuning,  # serve()'s garbage collector set-up (greenpatch.gc_tuning)
+    monitor,  # blocking detector and stats logger (greenpatch.monitor)
+)
 from greenpatch.config import ConfigError
 from greenpatch.hub import (
     NotInWorkerError,
@@ -45,6 +48,7 @@ __all__ = [
     "Worker",
     "__version__",
     "current_worker",
+    "gc_tuning",
     "green",
     "is_worker",
     "monitor",

@@ -11,6 +11,10 @@
                         workers read database replies that are already there
                         without letting the other workers run first (default
                         0: every reply waits for the next turn).
+``GREENPATCH_GC``       ``tuned`` (default) or ``python``: how `serve()` sets up
+                        Python's cyclic garbage collector once the application
+                        is loaded (see `greenpatch.gc_tuning`); ``python``
+                        leaves it as the interpreter and the application set it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "blocking_threshold",
     "disabled_patches",
     "enabled",
+    "gc_policy",
     "parse_bool",
     "parse_seconds",
     "stats_interval",
@@ -122,3 +127,18 @@ def turn_budget(environ: Mapping[str, str] | None = None) -> float:
     """``GREENPATCH_TURN_BUDGET`` in seconds (default 0: every reply waits for a turn)."""
     zero_means = "waits for a turn of the loop before every reply"
     return _seconds_setting("GREENPATCH_TURN_BUDGET", environ, DEFAULT_TURN_BUDGET, zero_means)
+
+
+# -- greenpatch.gc_tuning setting ---------------------------------------------------
+
+#: Accepted values of ``GREENPATCH_GC``; the first is the default.
+GC_POLICIES = ("tuned", "python")
+
+
+def gc_policy(environ: Mapping[str, str] | None = None) -> str:
+    """``GREENPATCH_GC``: ``tuned`` (default, also when blank) or ``python``."""
+    raw = (os.environ if environ is None else environ).get("GREENPATCH_GC", "")
+    value = raw.strip().lower() or GC_POLICIES[0]
+    if value not in GC_POLICIES:
+        raise ConfigError(f"GREENPATCH_GC={raw!r} is not accepted; accepted values: {', '.join(GC_POLICIES)}")
+    return value

@@ -67,9 +67,9 @@ from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from greenpatch import hub
+from greenpatch import gc_tuning, hub
 from greenpatch import monitor as _monitor  # greenpatch.monitor: blocking detector, stats lines
-from greenpatch.config import ConfigError
+from greenpatch.config import ConfigError, gc_policy
 
 __all__ = [
     "AppLoadError",
@@ -1227,6 +1227,7 @@ def _run_process(
         except Exception:
             log.exception("cannot load the WSGI application %r", app)
             return 1
+    gc_tuning.tune()  # GREENPATCH_GC, checked by serve()
     io_loop = IOLoop(make_current=False)
     aloop: asyncio.AbstractEventLoop = io_loop.asyncio_loop  # type: ignore[attr-defined]
     code = 1
@@ -1322,7 +1323,11 @@ def serve(
     Each process runs `greenpatch.monitor`'s blocking detector
     (``GREENPATCH_BLOCKING_THRESHOLD``, default 0.1 s, 0: off) and, when
     ``GREENPATCH_STATS_INTERVAL`` is set, logs pool statistics that
-    often; an invalid value of either is logged and returns 2.
+    often. Once its application is loaded, each process also freezes what
+    loading created and raises the garbage collector's first threshold
+    (`greenpatch.gc_tuning`; ``GREENPATCH_GC=python`` leaves the collector
+    alone). An invalid value of any of these settings is logged and
+    returns 2.
     """
     try:
         asyncio.get_running_loop()
@@ -1333,6 +1338,7 @@ def serve(
     # -- greenpatch.monitor: check its settings before binding or forking --
     try:
         _monitor.settings_from_env()
+        gc_policy()  # GREENPATCH_GC (greenpatch.gc_tuning)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

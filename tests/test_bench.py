@@ -63,7 +63,7 @@ def test_bad_command_line_choices_are_named(peers, capsys):
     with pytest.raises(SystemExit):
         peers.parse_args(["--configs", "gp2,nginx"])
     err = capsys.readouterr().err
-    assert "nginx" in err and "accepted: gp1, gp2, gp2-t5, gthread" in err
+    assert "nginx" in err and "accepted: gp1, gp2, gp2-t5, gp2-pygc, gthread" in err
     args = peers.parse_args(["--configs", "gp2,gthread", "--scenarios", "slow-256"])
     assert [c.name for c in args.configs] == ["gp2", "gthread"]
     assert [(s.path, s.concurrency) for s in args.scenarios] == [("/slow", 256)]
@@ -76,9 +76,12 @@ def test_greenpatch_configs_serve_without_access_log_and_peers_run_unpatched(pee
     assert cmd[cmd.index("--processes") + 1] == "2"
     env = gp2.env({"host": "h", "port": 1, "user": "u", "password": "p"})
     assert env["BENCH_ENGINE"] == "greenpatch" and env["BENCH_POOL_SIZE"] == "20" and "GREENPATCH" not in env
-    assert "GREENPATCH_TURN_BUDGET" not in env
+    assert "GREENPATCH_TURN_BUDGET" not in env and "GREENPATCH_GC" not in env  # the defaults
     t5 = peers.BY_NAME["gp2-t5"].env({"host": "h", "port": 1, "user": "u", "password": "p"})
     assert t5["GREENPATCH_TURN_BUDGET"] == "0.005" and t5["BENCH_POOL_SIZE"] == "20"
+    pygc = peers.BY_NAME["gp2-pygc"].env({"host": "h", "port": 1, "user": "u", "password": "p"})
+    assert pygc["GREENPATCH_GC"] == "python" and pygc["BENCH_POOL_SIZE"] == "20"
+    assert peers.BY_NAME["gp2-pygc"].command(8123) == cmd
     gthread = peers.BY_NAME["gthread"]
     assert gthread.env({"host": "h", "port": 1, "user": "u", "password": "p"})["GREENPATCH"] == "0"
     assert "gthread" in gthread.command(8123)

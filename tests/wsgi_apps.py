@@ -25,3 +25,20 @@ def app(environ, start_response):
 
 
 not_callable = 42
+
+
+def gc_state(environ, start_response):
+    """The garbage collector's state in the serving process, as JSON."""
+    import gc
+    import json
+
+    body = json.dumps(
+        {
+            "pid": os.getpid(),
+            "enabled": gc.isenabled(),
+            "threshold": gc.get_threshold(),
+            "frozen": gc.get_freeze_count(),
+        }
+    ).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
