@@ -97,6 +97,32 @@ def test_each_configuration_has_its_own_database(peers):
     assert gp1.env({"host": "h", "port": 1, "user": "u", "password": "p"})["BENCH_DB_NAME"] == gp1.database
 
 
+def test_schedule_turns_the_order_around_at_every_step_and_every_round(peers):
+    a, b, c = (peers.BY_NAME[n] for n in ("gp2", "gthread", "gevent"))
+    s1, s2 = (peers.SCENARIO_BY_NAME[n] for n in ("db", "queries"))
+    run = peers.Run([a, b, c], [s1, s2], 2, 5, 1)
+    got = [(rnd, s.name, cfg.name) for rnd, s, cfg in peers.schedule(run)]
+    forward, backward = ["gp2", "gthread", "gevent"], ["gevent", "gthread", "gp2"]
+    expected = [
+        *[(0, "db", n) for n in forward],
+        *[(0, "queries", n) for n in backward],
+        *[(1, "db", n) for n in backward],  # not forward again: db's order turns too
+        *[(1, "queries", n) for n in forward],
+    ]
+    assert got == expected
+    # With the full set (an even number of scenarios), every configuration is
+    # at mirrored positions of each scenario in consecutive rounds.
+    run = peers.Run(peers.CONFIGS, peers.SCENARIOS, 4, 5, 1)
+    positions: dict[tuple[int, str], list[str]] = {}
+    for rnd, s, cfg in peers.schedule(run):
+        positions.setdefault((rnd, s.name), []).append(cfg.name)
+    last = len(peers.CONFIGS) - 1
+    for s in peers.SCENARIOS:
+        for cfg in peers.CONFIGS:
+            seen = [positions[(rnd, s.name)].index(cfg.name) for rnd in range(4)]
+            assert seen[0] + seen[1] == last and seen == seen[:2] * 2, (s.name, cfg.name, seen)
+
+
 def fake_run(peers):
     """A complete run with made-up figures: gp2 twice as fast as every peer."""
     run = peers.Run(peers.CONFIGS, peers.SCENARIOS, 2, 5, 1)
