@@ -138,27 +138,19 @@ class Config:
         return env
 
 
+def gp2_with(name: str, what: str, setting: str, value: str) -> Config:
+    """``gp2`` with one greenpatch setting of its own."""
+    return Config(
+        name, f"gp2 with {what}: {setting}={value}", 2, "greenpatch", pool=20, greenpatch=True,
+        settings=((setting, value),),
+    )  # fmt: skip
+
+
 CONFIGS = [
     Config("gp1", "greenpatch, 1 process, pool 40", 1, "greenpatch", pool=40, greenpatch=True),
     Config("gp2", "greenpatch, 2 processes x pool 20", 2, "greenpatch", pool=20, greenpatch=True),
-    Config(
-        "gp2-t5",
-        "gp2 with a turn budget: GREENPATCH_TURN_BUDGET=0.005",
-        2,
-        "greenpatch",
-        pool=20,
-        greenpatch=True,
-        settings=(("GREENPATCH_TURN_BUDGET", "0.005"),),
-    ),
-    Config(
-        "gp2-pygc",
-        "gp2 with Python's own garbage collector settings: GREENPATCH_GC=python",
-        2,
-        "greenpatch",
-        pool=20,
-        greenpatch=True,
-        settings=(("GREENPATCH_GC", "python"),),
-    ),
+    gp2_with("gp2-t5", "a turn budget", "GREENPATCH_TURN_BUDGET", "0.005"),
+    gp2_with("gp2-pygc", "Python's own garbage collector settings", "GREENPATCH_GC", "python"),
     Config(
         "gthread",
         "gunicorn gthread 2x16, PyMySQL, CONN_MAX_AGE=60",

@@ -45,13 +45,15 @@ GEN0_THRESHOLD = 10_000
 # The thresholds as they were when greenpatch was first imported: other
 # values found later were set on purpose, and are kept.
 _initial_thresholds = gc.get_threshold()
+_tuned = False
 
 
 def tune(policy: str | None = None) -> bool:
     """Apply ``policy`` (default: ``GREENPATCH_GC``) to this process's collector.
 
     Call it once the application is loaded, in each serving process. Returns
-    True when the collector was tuned, False when it was left alone.
+    True when the collector was tuned, False when it was left alone (or
+    tuned already).
     Raises `greenpatch.ConfigError` for a value other than ``tuned`` or
     ``python``.
     """
@@ -61,7 +63,8 @@ def tune(policy: str | None = None) -> bool:
         raise config.ConfigError(
             f"GC policy {policy!r} is not accepted; accepted values: {', '.join(config.GC_POLICIES)}"
         )
-    if policy == "python":
+    global _tuned
+    if policy == "python" or _tuned:
         return False
     if not gc.isenabled():
         log.debug("garbage collector disabled by the application: left alone")
@@ -70,6 +73,7 @@ def tune(policy: str | None = None) -> bool:
     if thresholds != _initial_thresholds:
         log.debug("garbage collector thresholds %r set by the application: left alone", thresholds)
         return False
+    _tuned = True
     gc.collect()
     gc.freeze()
     if thresholds[0] < GEN0_THRESHOLD:
