@@ -29,6 +29,7 @@ __all__ = [
     "disabled_patches",
     "enabled",
     "gc_policy",
+    "parse_gc_policy",
     "parse_bool",
     "parse_seconds",
     "stats_interval",
@@ -135,10 +136,15 @@ def turn_budget(environ: Mapping[str, str] | None = None) -> float:
 GC_POLICIES = ("tuned", "python")
 
 
+def parse_gc_policy(name: str, value: str) -> str:
+    """``value`` as one of `GC_POLICIES` (blank: the default); the error names ``name``."""
+    policy = value.strip().lower() or GC_POLICIES[0]
+    if policy not in GC_POLICIES:
+        raise ConfigError(f"{name}={value!r} is not accepted; accepted values: {', '.join(GC_POLICIES)}")
+    return policy
+
+
 def gc_policy(environ: Mapping[str, str] | None = None) -> str:
     """``GREENPATCH_GC``: ``tuned`` (default, also when blank) or ``python``."""
     raw = (os.environ if environ is None else environ).get("GREENPATCH_GC", "")
-    value = raw.strip().lower() or GC_POLICIES[0]
-    if value not in GC_POLICIES:
-        raise ConfigError(f"GREENPATCH_GC={raw!r} is not accepted; accepted values: {', '.join(GC_POLICIES)}")
-    return value
+    return parse_gc_policy("GREENPATCH_GC", raw)

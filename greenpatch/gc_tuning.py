@@ -57,13 +57,8 @@ def tune(policy: str | None = None) -> bool:
     Raises `greenpatch.ConfigError` for a value other than ``tuned`` or
     ``python``.
     """
-    if policy is None:
-        policy = config.gc_policy()
-    elif policy not in config.GC_POLICIES:
-        raise config.ConfigError(
-            f"GC policy {policy!r} is not accepted; accepted values: {', '.join(config.GC_POLICIES)}"
-        )
     global _tuned
+    policy = config.gc_policy() if policy is None else config.parse_gc_policy("policy", policy)
     if policy == "python" or _tuned:
         return False
     if not gc.isenabled():

@@ -6,17 +6,16 @@ undone), so every case runs in a fresh interpreter.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
+import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from serve_support import ServeProcess, fetch
 
 from greenpatch import config, gc_tuning
 from greenpatch.config import ConfigError
@@ -173,88 +172,43 @@ def test_tune_rejects_an_unknown_policy():
 
 # -- serve() -------------------------------------------------------------------------------------------
 
-SERVE_SCRIPT = """\
-import logging, sys
-logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                    format="%(process)d %(name)s %(levelname)s %(message)s")
-from greenpatch.server import serve
-code = serve({app!r}, port=0, processes={processes})
-print("EXIT", code, flush=True)
-sys.exit(code)
-"""
+
+@pytest.fixture
+def default_policy(monkeypatch):
+    # The serving subprocesses inherit the environment.
+    monkeypatch.delenv("GREENPATCH_GC", raising=False)
 
 
-class Served:
-    """``serve(app)`` in a subprocess, stopped with SIGTERM on exit."""
-
-    def __init__(self, app: str, processes: int = 1, **env: str) -> None:
-        environ = {k: v for k, v in os.environ.items() if k != "GREENPATCH_GC"}
-        environ.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE_SCRIPT.format(app=app, processes=processes)],
-            env=environ,
-            cwd=str(TESTS),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def port(self) -> int:
-        lines = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()  # type: ignore[union-attr]
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"serving on http://[\d.]+:(\d+)", line)
-            if m:
-                return int(m.group(1))
-        raise AssertionError("no 'serving on' line:\n" + "".join(lines))
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        out, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, out + err
-
-
-def fetch_json(port: int) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def served_states(app: str, processes: int = 1, **env: str) -> dict[int, dict]:
+    """``serve(app)`` in a subprocess, stopped with SIGTERM: the JSON of each
+    serving process (by pid) that answered ``GET /``."""
+    proc = ServeProcess(app, env=env, port=0, processes=processes)
     try:
-        conn.request("GET", "/")
-        resp = conn.getresponse()
-        assert resp.status == 200
-        return json.loads(resp.read())
+        port = proc.wait_ready()
+        seen: dict[int, dict] = {}
+        for _ in range(40):
+            status, _, body = fetch(port)
+            assert status == 200
+            got = json.loads(body)
+            seen[got["pid"]] = got
+            if len(seen) == processes:
+                break
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0, proc.output()
     finally:
-        conn.close()
+        proc.kill()
+    return seen
 
 
 def served_state(app: str, **env: str) -> dict:
-    served = Served(app, **env)
-    try:
-        got = fetch_json(served.port())
-    finally:
-        code, output = served.stop()
-    assert code == 0, output
+    (got,) = served_states(app, **env).values()
     return got
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_serve_tunes_each_serving_process_once_the_app_is_loaded(processes):
+def test_serve_tunes_each_serving_process_once_the_app_is_loaded(default_policy, processes):
     untuned = served_state("wsgi_apps:gc_state", GREENPATCH_GC="python")
-    served = Served("wsgi_apps:gc_state", processes=processes)
-    try:
-        port = served.port()
-        seen = {}
-        for _ in range(40):
-            got = fetch_json(port)
-            seen[got["pid"]] = got
-            if len(seen) == processes:
-                break
-    finally:
-        code, output = served.stop()
-    assert code == 0, output
+    seen = served_states("wsgi_apps:gc_state", processes=processes)
     assert len(seen) == processes  # SO_REUSEPORT: both children answered
     for got in seen.values():
         assert got["enabled"] is True
@@ -270,7 +224,7 @@ def test_serve_with_python_policy_leaves_the_collector_alone():
     assert got["frozen"] < default["frozen"] + 1000  # nothing of what serve() loaded
 
 
-def test_serve_keeps_the_thresholds_an_application_set_as_it_loaded():
+def test_serve_keeps_the_thresholds_an_application_set_as_it_loaded(default_policy):
     untuned = served_state("wsgi_apps:gc_state", GREENPATCH_GC="python")
     got = served_state("wsgi_gc_custom:gc_state")
     assert got["threshold"] == [1234, 7, 7]
@@ -278,8 +232,12 @@ def test_serve_keeps_the_thresholds_an_application_set_as_it_loaded():
 
 
 def test_serve_refuses_a_bad_policy_before_listening():
-    served = Served("wsgi_apps:gc_state", GREENPATCH_GC="fast")
-    code, output = served.stop() if served.proc.wait(30) is not None else (None, "")
+    proc = ServeProcess("wsgi_apps:gc_state", env={"GREENPATCH_GC": "fast"}, port=0)
+    try:
+        code = proc.wait()
+    finally:
+        proc.kill()
+    output = proc.output()
     assert code == 2, output
     assert "GREENPATCH_GC='fast' is not accepted; accepted values: tuned, python" in output
-    assert "serving on" not in output
+    assert "serving on" not in output and "READY" not in output
